@@ -1,0 +1,90 @@
+"""Validation of a composed job config, before any process starts.
+
+Hydra already rejects an unknown group option (listing the valid ones) and an unknown key.
+:func:`validate` checks values: each error names the key, the value and the rule, and all
+errors are reported at once.
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+ENVELOPE_BYTES = 1024  # room for a ModelChunk's non-data fields inside the gRPC message limit
+GRPC_MAX = 2**31 - 1
+
+
+class ConfigError(ValueError):
+    """One or more config values break a rule; the message lists every one."""
+
+
+def _rules(cfg: DictConfig):
+    """Yield ``(ok, "key=value: rule")`` pairs."""
+    def at_least(key, value, low):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        return ok, f"{key}={value}: must be an integer >= {low}"
+
+    def positive(key, value, unit=""):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return ok, f"{key}={value}: must be a number > 0{unit}"
+
+    yield at_least("num_clients", cfg.num_clients, 1)
+    yield at_least("rounds", cfg.rounds, 1)
+    yield at_least("local_steps", cfg.local_steps, 1)
+    yield at_least("batch_size", cfg.batch_size, 1)
+    yield at_least("threads_per_role", cfg.threads_per_role, 1)
+    yield positive("lr", cfg.lr)
+    yield cfg.optimizer in ("sgd", "adam"), f"optimizer={cfg.optimizer}: must be sgd or adam"
+    for key in ("trainer", "serde", "transport", "aggregation", "release"):
+        value = cfg.optimization[key]
+        yield isinstance(value, bool), f"optimization.{key}={value}: must be true or false"
+    yield isinstance(cfg.optimize, bool), f"optimize={cfg.optimize}: must be true or false"
+
+    ds = cfg.dataset
+    yield ds.partition in ("iid", "dirichlet"), f"dataset.partition={ds.partition}: must be iid or dirichlet"
+    yield positive("dataset.alpha", ds.alpha)
+    if ds.samples_per_client is not None:
+        yield at_least("dataset.samples_per_client", ds.samples_per_client, 1)
+    if ds.test_samples is not None:
+        yield at_least("dataset.test_samples", ds.test_samples, 1)
+    if ds.name != "synthetic":
+        yield bool(ds.root), f"dataset.root={ds.root}: dataset={ds.name} needs the folder that holds its files"
+
+    tr = cfg.transport
+    yield (isinstance(tr.max_message_bytes, int) and 64 * 1024 <= tr.max_message_bytes <= GRPC_MAX,
+           f"transport.max_message_bytes={tr.max_message_bytes}: must be between 65536 and {GRPC_MAX}")
+    limit = (tr.max_message_bytes if isinstance(tr.max_message_bytes, int) else 0) - ENVELOPE_BYTES
+    yield (isinstance(tr.chunk_size, int) and 1024 <= tr.chunk_size <= limit,
+           f"transport.chunk_size={tr.chunk_size}: must be between 1024 and transport.max_message_bytes - "
+           f"{ENVELOPE_BYTES} = {limit} (raise transport.max_message_bytes or lower the chunk size)")
+    yield (not isinstance(tr.chunk_size, int) or tr.chunk_size % 8 == 0,
+           f"transport.chunk_size={tr.chunk_size}: must be a multiple of 8")
+
+    for key, value in cfg.timeouts.items():
+        yield positive(f"timeouts.{key}", value, " seconds")
+
+    prof = cfg.profiling
+    yield (prof.capture_format in ("aggregated", "all_allocations"),
+           f"profiling.capture_format={prof.capture_format}: must be aggregated or all_allocations")
+    yield at_least("profiling.memory_interval_ms", prof.memory_interval_ms, 1)
+    yield at_least("profiling.top_sites", prof.top_sites, 0)
+
+    yield (isinstance(cfg.server.port, int) and 0 <= cfg.server.port <= 65535,
+           f"server.port={cfg.server.port}: must be 0 (any free port) to 65535")
+    if cfg.role.name == "client":
+        rank = cfg.role.rank
+        n = cfg.num_clients if isinstance(cfg.num_clients, int) else 0
+        yield (isinstance(rank, int) and 0 <= rank < n, f"role.rank={rank}: must be in 0..num_clients-1 = 0..{n - 1}")
+        host, _, port = str(cfg.server.address).rpartition(":")
+        yield (bool(host) and port.isdigit() and 0 < int(port) < 65536,
+               f"server.address={cfg.server.address}: role=client needs the server's HOST:PORT with a real port "
+               "(the server prints it), e.g. server.address=10.0.0.5:50051")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every rule on a composed config.
+
+    Raises:
+        ConfigError: listing each broken rule as ``key=value: rule``.
+    """
+    problems = [message for ok, message in _rules(cfg) if not ok]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,245 @@
+"""Datasets and their partition across clients.
+
+Images are held as ``uint8`` tensors ``[N, C, H, W]`` with ``int64`` labels ``[N]`` and
+normalized per sample when read. Sources:
+
+* ``synthetic``: CIFAR-shaped (3x32x32, 10 classes) images made from a seed: a smooth
+  per-class pattern plus noise, so a model can learn it. No files, no download.
+* ``cifar``: CIFAR-10 in torchvision's layout, ``ROOT/cifar-10-batches-py``.
+* ``mnist`` / ``fashion_mnist``: IDX files in torchvision's layout, ``ROOT/MNIST/raw`` or
+  ``ROOT/FashionMNIST/raw``, gzipped or not; ``fashion_mnist`` also finds Debian's
+  ``dataset-fashion-mnist`` package in ``/usr/share/datasets/fashion-mnist``.
+
+Loading never checks torchvision's md5 sums, so re-encoded copies load too.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CIFAR_FILES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where the config says, and were not downloaded."""
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """``uint8`` images scaled to [-1, 1] as ``float32`` when read."""
+
+    def __init__(self, data: ImageData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def __getitem__(self, i):
+        return self.data.images[i].float().div_(127.5).sub_(1.0), self.data.labels[i]
+
+
+# ------------------------------------------------------------------ sources
+def _synthetic(cfg, train: bool, block: int = 256) -> ImageData:
+    n = cfg.train_size if train else cfg.test_size
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
+    proto_gen = torch.Generator().manual_seed(int(cfg.seed))  # same class patterns in both splits
+    c, s, k = cfg.channels, cfg.image_size, cfg.num_classes
+    coarse = torch.rand(k, c, 4, 4, generator=proto_gen)
+    patterns = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    images = torch.empty(n, c, s, s, dtype=torch.uint8)
+    for start in range(0, n, block):  # in blocks: float temporaries stay small next to the uint8 result
+        stop = min(n, start + block)
+        noise = torch.rand(stop - start, c, s, s, generator=gen)
+        images[start:stop] = (0.15 * patterns[labels[start:stop]] + 0.85 * noise).mul_(255).round_().to(torch.uint8)
+    return ImageData(images, labels)
+
+
+class _CIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader with existence checks in place of md5 checks."""
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root, self.base_folder)
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        self.classes = [str(i) for i in range(10)]  # names are not needed; batches.meta may be absent
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+def _cifar(cfg, train: bool) -> ImageData:
+    root = Path(cfg.root).expanduser()
+    folder = root / "cifar-10-batches-py"
+    missing = [f for f in CIFAR_FILES[True] + CIFAR_FILES[False] if not (folder / f).is_file()]
+    if missing and cfg.download:
+        _download(lambda: _CIFAR10(str(root), train=train, download=True), folder)
+        missing = []
+    if missing:
+        raise DatasetNotFoundError(
+            f"dataset=cifar: {folder} lacks {', '.join(missing)}. Expected CIFAR-10 in torchvision's python "
+            f"layout (data_batch_1..5, test_batch). Get it with dataset.download=true (needs the network), "
+            f"or point dataset.root at the folder that holds cifar-10-batches-py.")
+    ds = _CIFAR10(str(root), train=train, download=False)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    return ImageData(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+
+def idx_folders(cfg) -> list[Path]:
+    """Where the IDX files of ``cfg.name`` are looked for, in order."""
+    sub = "MNIST" if cfg.name == "mnist" else "FashionMNIST"
+    folders = [Path(cfg.root).expanduser() / sub / "raw"]
+    if cfg.name == "fashion_mnist":
+        folders.append(DEBIAN_FASHION_MNIST)
+    return folders
+
+
+def _find_idx(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_idx(path: Path, reader) -> torch.Tensor:
+    if path.suffix != ".gz":
+        return reader(str(path))
+    # torchvision's IDX reader takes a plain file: unpack to a private temporary one.
+    with tempfile.TemporaryDirectory(prefix="flmem-idx-") as tmp:
+        plain = Path(tmp) / path.stem
+        with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return reader(str(plain))
+
+
+def _idx(cfg, train: bool) -> ImageData:
+    folders = idx_folders(cfg)
+    stems = IDX_FILES[True] + IDX_FILES[False]
+    if any(_find_idx(folders, s) is None for s in stems) and cfg.download:
+        cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.FashionMNIST
+        _download(lambda: cls(str(Path(cfg.root).expanduser()), train=train, download=True), folders[0])
+    found = {s: _find_idx(folders, s) for s in stems}
+    missing = [s for s, p in found.items() if p is None]
+    if missing:
+        hint = " or install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)" \
+            if cfg.name == "fashion_mnist" else ""
+        raise DatasetNotFoundError(
+            f"dataset={cfg.name}: no {', '.join(missing)} (plain or .gz) in {' or '.join(map(str, folders))}. "
+            f"Get the files with dataset.download=true (needs the network){hint}, or point dataset.root at the "
+            f"folder that holds {folders[0].parent.name}/raw.")
+    image_stem, label_stem = IDX_FILES[train]
+    images = _read_idx(found[image_stem], read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
+    return ImageData(images.contiguous(), _read_idx(found[label_stem], read_label_file).to(torch.int64))
+
+
+def _download(fetch, folder: Path) -> None:
+    try:
+        fetch()
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... keep the cause visible
+        raise DatasetNotFoundError(
+            f"download into {folder} failed ({type(exc).__name__}: {exc}); without the network, put the files "
+            f"there yourself and keep dataset.download=false") from exc
+
+
+SOURCES = {"synthetic": _synthetic, "cifar": _cifar, "mnist": _idx, "fashion_mnist": _idx}
+
+
+def load_split(cfg, train: bool) -> ImageData:
+    """The whole train or test split of ``cfg.name``.
+
+    Raises:
+        DatasetNotFoundError: files missing (the message names the path, the files and the fix).
+        ValueError: the files' image shape differs from ``dataset.channels``/``dataset.image_size``.
+    """
+    data = SOURCES[cfg.name](cfg, train)
+    _, c, h, w = data.images.shape
+    if (c, h, w) != (cfg.channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"dataset={cfg.name}: images are {c}x{h}x{w}, but dataset.channels={cfg.channels} and "
+                         f"dataset.image_size={cfg.image_size}; fix those keys in conf/dataset/{cfg.name}.yaml")
+    return data
+
+
+def check_available(cfg) -> None:
+    """Fail before any process starts when the dataset's files are missing (reads no images)."""
+    if cfg.name == "cifar":
+        folder = Path(cfg.root).expanduser() / "cifar-10-batches-py"
+        if not cfg.download and not all((folder / f).is_file() for f in CIFAR_FILES[True] + CIFAR_FILES[False]):
+            _cifar(cfg, True)  # raises with the full message
+    elif cfg.name in ("mnist", "fashion_mnist") and not cfg.download:
+        if any(_find_idx(idx_folders(cfg), s) is None for s in IDX_FILES[True] + IDX_FILES[False]):
+            _idx(cfg, True)
+
+
+# ------------------------------------------------------------------ partition
+def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """Split sample indices across clients.
+
+    ``iid``: a seeded shuffle cut into equal parts. ``dirichlet``: for each class, proportions
+    drawn from Dir(alpha) over clients (Hsu et al., 2019, "Measuring the Effects of Non-Identical
+    Data Distribution for Federated Visual Classification"); smaller alpha, more skew.
+    Returns one index array per client, each shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha))) * len(idx)).astype(int)[:-1]
+        for k, piece in enumerate(np.split(idx, cuts)):
+            parts[k].extend(piece.tolist())
+    return [rng.permutation(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def client_indices(cfg, labels: torch.Tensor, rank: int, num_clients: int) -> np.ndarray:
+    parts = partition(labels.numpy(), num_clients, cfg.partition, cfg.alpha, int(cfg.seed))
+    mine = parts[rank]
+    if cfg.samples_per_client is not None:
+        mine = mine[: int(cfg.samples_per_client)]
+    if len(mine) == 0:
+        raise ValueError(f"client {rank} got no samples (dataset.partition={cfg.partition}, "
+                         f"dataset.alpha={cfg.alpha}); raise dataset.alpha or lower num_clients")
+    return mine
+
+
+def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.utils.data.Dataset:
+    """Client ``rank``'s training samples.
+
+    Original path: a ``Subset`` over the whole split, which keeps every client's images alive.
+    Optimized (``release``): copies out the client's own samples and drops the whole split.
+    """
+    full = load_split(cfg, train=True)
+    idx = client_indices(cfg, full.labels, rank, num_clients)
+    if not release:
+        return torch.utils.data.Subset(ImageTensorDataset(full), idx.tolist())
+    index = torch.from_numpy(idx)
+    # Removes the whole training split: only this client's images stay in memory.
+    own = ImageData(full.images[index].clone(), full.labels[index].clone())
+    del full
+    return ImageTensorDataset(own)
+
+
+def test_dataset(cfg) -> torch.utils.data.Dataset:
+    """The first ``dataset.test_samples`` samples of the test split (all when null)."""
+    data = load_split(cfg, train=False)
+    if cfg.test_samples is not None:
+        n = int(cfg.test_samples)
+        data = ImageData(data.images[:n].clone(), data.labels[:n].clone())
+    return ImageTensorDataset(data)

@@ -1,0 +1,111 @@
+"""Local training of one client for one round, and evaluation of a model.
+
+The trainer keeps the model it received at the start of a round to report how far local
+training moved it (``update_norm``, the L2 norm of w_local - w_global over parameters).
+
+* Original path: ``copy.deepcopy(model)`` (module, parameters, buffers and all) and
+  out-of-place arithmetic; the copy and the optimizer live until the next round replaces them.
+* Optimized path: ``clone().detach()`` of the parameters only, in-place arithmetic, and (with
+  ``release``) the copy and optimizer state dropped as soon as the round ends.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import torch
+from torch import nn
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """``sgd`` (momentum 0.9) or ``adam``; raises ValueError for anything else."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"optimizer={name!r}: use sgd or adam")
+
+
+class Trainer:
+    """Runs ``local_steps`` minibatch steps per round on one client's data.
+
+    Args:
+        model: the client's model; its parameters are trained in place.
+        dataset: the client's samples (``(image, label)`` pairs).
+        batch_size, local_steps, optimizer, lr: the run keys of the same names.
+        seed: base seed; round r's batch order depends on (seed, rank, r) only, so the
+            original and optimized paths see the same batches.
+        optimized: clone/in-place instead of deepcopy/out-of-place.
+        release: drop the round's copies as soon as they are dead.
+    """
+
+    def __init__(self, model: nn.Module, dataset, *, batch_size: int, local_steps: int, optimizer: str,
+                 lr: float, seed: int, rank: int, optimized: bool, release: bool):
+        self.model, self.dataset = model, dataset
+        self.batch_size, self.local_steps = batch_size, local_steps
+        self.optimizer_name, self.lr = optimizer, lr
+        self.seed, self.rank = seed, rank
+        self.optimized, self.release = optimized, release
+        self.previous = None
+        self.optimizer = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def _batches(self, round_idx: int):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 1009 + round_idx)
+        while True:  # cycle the local data for as many steps as asked
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
+                                                 generator=gen, drop_last=False)
+            yield from loader
+
+    def train_round(self, round_idx: int) -> dict:
+        """One round of local training. Returns ``{"loss", "update_norm", "steps", "samples"}``."""
+        torch.manual_seed(self.seed + 7919 * self.rank + round_idx)
+        if self.optimized:
+            # Removes deepcopy's copy of the whole module (buffers, grads, Python objects): parameters only.
+            self.previous = [p.detach().clone() for p in self.model.parameters()]
+        else:
+            self.previous = copy.deepcopy(self.model)
+        self.optimizer = make_optimizer(self.optimizer_name, self.model.parameters(), self.lr)
+        self.model.train()
+        losses, batches = [], self._batches(round_idx)
+        for _ in range(self.local_steps):
+            x, y = next(batches)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        update_norm = self._update_norm()
+        if self.release:
+            self.previous = self.optimizer = None
+            self.model.zero_grad(set_to_none=True)
+            gc.collect()
+        return {"loss": sum(losses) / len(losses), "update_norm": update_norm, "steps": self.local_steps,
+                "samples": self.num_samples}
+
+    @torch.no_grad()
+    def _update_norm(self) -> float:
+        if self.optimized:
+            total = 0.0
+            for prev, p in zip(self.previous, self.model.parameters()):
+                total += float(prev.sub_(p).square_().sum())  # in place: prev is dead after this
+            return math.sqrt(total)
+        diffs = [(p - q) ** 2 for p, q in zip(self.model.parameters(), self.previous.parameters())]
+        return math.sqrt(float(sum(d.sum() for d in diffs)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int = 256) -> dict:
+    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) of ``model`` on ``dataset``."""
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        logits = model(x)
+        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "samples": n}

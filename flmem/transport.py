@@ -1,0 +1,123 @@
+"""The gRPC layer: maps the ``FederatedLearning`` service onto plain FL objects and chunk streams.
+
+Nothing above this module sees a protobuf message: the server side calls a
+:class:`~flmem.server.FedAvgServer`'s ``global_model``/``receive_update``, the client side
+gets ``(header, finished, chunks)`` where chunks are ``(offset, bytes)`` pairs.
+Send and receive limits on both sides come from one value, ``transport.max_message_bytes``.
+"""
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Iterable, Iterator
+
+import grpc
+
+from flmem import serde
+from flmem.proto import flmem_pb2, flmem_pb2_grpc
+
+
+class TransportError(RuntimeError):
+    """A gRPC call failed; the message carries the peer's reason."""
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
+    def __init__(self, fl_server):
+        self.fl = fl_server
+
+    def FetchGlobalModel(self, request, context):
+        try:
+            header, finished, chunks = self.fl.global_model(request.round, request.client_rank)
+        except Exception as exc:  # report to the client instead of a bare "Exception calling application"
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
+        yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=request.round, finished=finished)
+        for offset, data in chunks:
+            yield flmem_pb2.ModelChunk(offset=offset, data=data)
+        self.fl.fetch_done(request.round, request.client_rank)
+
+    def PushUpdate(self, request_iterator, context):
+        try:
+            first = next(request_iterator)
+            header = serde.loads_header(first.header)
+            chunks = ((m.offset, m.data) for m in request_iterator)
+            received = self.fl.receive_update(first.round, first.client_rank, first.num_samples, header, chunks)
+        except Exception as exc:
+            self.fl.record_error(exc)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
+        return flmem_pb2.PushReply(round=first.round, received=received)
+
+
+def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port).
+
+    Returns the started server and the bound port.
+    Raises:
+        TransportError: the address cannot be bound (gRPC reports that by returning port 0).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=channel_options(max_message_bytes))
+    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise TransportError(f"cannot listen on {host}:{port} (in use or not a local address); "
+                             "pick another server.port, or server.port=0 for a free one")
+    server.start()
+    return server, bound
+
+
+class ServerConnection:
+    """A client's connection to the FL server at ``address`` (``host:port``)."""
+
+    def __init__(self, address: str, max_message_bytes: int, rpc_timeout_s: float):
+        self.address = address
+        self.timeout = rpc_timeout_s
+        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.stub = flmem_pb2_grpc.FederatedLearningStub(self.channel)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the server accepts connections; TransportError after ``timeout_s`` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
+                                 "check server.address and that the server role runs") from None
+
+    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]]:
+        """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``."""
+        stream = self.stub.FetchGlobalModel(flmem_pb2.FetchRequest(client_rank=rank, round=round_idx),
+                                            timeout=self.timeout)
+        try:
+            first = next(stream)
+        except grpc.RpcError as exc:
+            raise TransportError(f"fetching the round-{round_idx} global model from {self.address}: "
+                                 f"{exc.code().name}: {exc.details()}") from None
+        return serde.loads_header(first.header), first.finished, _chunks(stream, self.address)
+
+    def push(self, round_idx: int, rank: int, num_samples: int, header: dict,
+             chunks: Iterable[serde.Chunk]) -> int:
+        """Send one client update; returns how many updates the server holds for the round."""
+        def messages():
+            yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=round_idx, client_rank=rank,
+                                       num_samples=num_samples)
+            for offset, data in chunks:
+                yield flmem_pb2.ModelChunk(offset=offset, data=data)
+        try:
+            return self.stub.PushUpdate(messages(), timeout=self.timeout).received
+        except grpc.RpcError as exc:
+            raise TransportError(f"sending the round-{round_idx} update of client {rank} to {self.address}: "
+                                 f"{exc.code().name}: {exc.details()}") from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _chunks(stream, address: str) -> Iterator[serde.Chunk]:
+    try:
+        for message in stream:
+            yield message.offset, message.data
+    except grpc.RpcError as exc:
+        raise TransportError(f"model stream from {address} broke: {exc.code().name}: {exc.details()}") from None

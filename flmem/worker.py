@@ -1,0 +1,158 @@
+"""One role in one fresh interpreter: ``python -m flmem.worker --config C --role R --out DIR``.
+
+The process starts its ``memray.Tracker`` before importing torch, so the capture holds the
+whole life of the role. Once imports are done it marks the *baseline* (``markers.json``) before
+any model or data exists. SIGTERM (the launcher stopping a job) exits through ``SystemExit``
+so the Tracker closes its capture file properly.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _tracker(cfg_profiling, capture: Path):
+    if not cfg_profiling["enabled"]:
+        return contextlib.nullcontext()
+    import memray
+
+    fmt = {"aggregated": memray.FileFormat.AGGREGATED_ALLOCATIONS,
+           "all_allocations": memray.FileFormat.ALL_ALLOCATIONS}[cfg_profiling["capture_format"]]
+    return memray.Tracker(capture, native_traces=cfg_profiling["native_traces"], file_format=fmt,
+                          memory_interval_ms=cfg_profiling["memory_interval_ms"],
+                          trace_python_allocators=cfg_profiling["trace_python_allocators"])
+
+
+def _mark_baseline(markers: dict, out: Path, interval_ms: int) -> None:
+    # Memray samples heap/RSS every `interval_ms`: wait a few samples so the baseline is recorded.
+    time.sleep(3 * interval_ms / 1000)
+    markers["baseline_ms"] = time.time() * 1000
+    (out / "markers.json").write_text(json.dumps(markers))
+    time.sleep(3 * interval_ms / 1000)
+
+
+def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
+    """The server's address once its ``ready.json`` exists (clients start while the server imports)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            return f"{host}:{json.loads(ready_file.read_text())['port']}"
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    raise TimeoutError(f"the server wrote no {ready_file} within {timeout_s:g} s (timeouts.server_ready_s)")
+
+
+def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: str | None = None) -> dict:
+    """Build the role's objects from ``cfg`` and run it. Returns its metrics history."""
+    import hydra.utils
+    import torch
+
+    from flmem import data
+    from flmem.client import run_client
+    from flmem.codec import ModelCodec
+    from flmem.serde import model_bytes
+    from flmem.server import FedAvgServer
+    from flmem.status import StatusWriter, write_json
+    from flmem.trainer import Trainer
+    from flmem.transport import ServerConnection, serve
+
+    torch.set_num_threads(int(cfg.threads_per_role))
+    _mark_baseline(markers, out, int(cfg.profiling.memory_interval_ms))
+    opt = cfg.optimization
+    codec = ModelCodec(opt.serde, opt.transport, int(cfg.transport.chunk_size), release=opt.release)
+    status = StatusWriter(out, role if role == "server" else f"client_{rank}", int(cfg.rounds))
+    torch.manual_seed(int(cfg.seed))  # the server's initial global model depends on the seed only
+    model = hydra.utils.instantiate(cfg.model)
+    markers["model_bytes"] = model_bytes(model.state_dict())
+    if role == "server":
+        fl = FedAvgServer(model, data.test_dataset(cfg.dataset), num_clients=int(cfg.num_clients),
+                          rounds=int(cfg.rounds), codec=codec, streaming=opt.aggregation,
+                          weighted=cfg.fedavg.weighted, round_timeout_s=float(cfg.timeouts.round_s),
+                          eval_batch_size=int(cfg.batch_size), status=status)
+        grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port), int(cfg.transport.max_message_bytes),
+                                  max_workers=int(cfg.num_clients) + 4)
+        write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
+        print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
+        status.update(phase="waiting for clients", port=port)
+        try:
+            history = fl.run()
+            torch.save(model.state_dict(), out / "global_model.pt")
+        except BaseException as exc:
+            fl.record_error(exc)  # wake handler threads so clients hear the reason
+            raise
+        finally:
+            grpc_server.stop(grace=2).wait()
+    else:
+        dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
+        trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
+                          optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
+                          optimized=opt.trainer, release=opt.release)
+        if address_file:
+            cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
+                                               float(cfg.timeouts.server_ready_s))
+        connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
+                                      float(cfg.timeouts.rpc_s))
+        connection.wait_ready(float(cfg.timeouts.server_ready_s))
+        status.update(phase="training")
+        try:
+            history = run_client(connection, trainer, codec, rank=rank, rounds=int(cfg.rounds), status=status)
+        finally:
+            connection.close()
+    status.update(phase="done")
+    return history
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the job's resolved config (YAML)")
+    parser.add_argument("--role", required=True, choices=["server", "client"])
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--out", required=True, help="this role's output directory")
+    parser.add_argument("--address", help="client: the server's host:port (overrides server.address)")
+    parser.add_argument("--address-file", help="client: wait for the server's ready.json and connect to its port")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    markers = {"start_ms": time.time() * 1000}
+
+    import yaml  # light: the profiling options are needed before the Tracker starts
+
+    profiling = yaml.safe_load(Path(args.config).read_text())["profiling"]
+    code, error = 0, None
+    with _tracker(profiling, out / "capture.bin"):
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(args.config)
+            if args.address:
+                cfg.server.address = args.address
+            run_role(cfg, args.role, args.rank, out, markers, address_file=args.address_file)
+        except SystemExit as exc:
+            code, error = (exc.code if isinstance(exc.code, int) else 1), "stopped by the launcher (SIGTERM)"
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the job result
+            code, error = 1, f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    markers["end_ms"] = time.time() * 1000
+    markers["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    markers["exit_code"], markers["error"] = code, error
+    (out / "markers.json").write_text(json.dumps(markers))
+    if error:
+        print(f"flmem {args.role}: {error}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

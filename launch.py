@@ -1,0 +1,19 @@
+"""flmem's Hydra entry point: `python launch.py [overrides]`, `python launch.py -m key=a,b ...`."""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    from flmem.app import run_from_hydra
+
+    return run_from_hydra(cfg)
+
+
+if __name__ == "__main__":
+    main()
+    from flmem.app import FAILED_JOBS
+
+    sys.exit(1 if FAILED_JOBS else 0)
