@@ -1,0 +1,280 @@
+"""Find and read runs and sweeps on disk, whatever state they are in.
+
+A *job* is one Hydra job directory (``result.json``, ``roles/<role>/...``); a *single run* is a
+job under ``outputs/runs/<timestamp>/``; a *sweep* is ``outputs/multirun/<timestamp>/`` holding
+one job directory per Hydra job number. Nothing here raises on a job that is still running,
+failed, or lost files: the gaps are recorded as the job's status and ``problems``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from flmem.browse.captures import check_capture
+from flmem.status import read_json
+
+#: a job whose roles wrote status.json this recently (seconds) and has no result.json is "running"
+RUNNING_WINDOW_S = 120
+_STAMP = "%Y-%m-%d_%H-%M-%S-%f"
+
+
+class BrowseError(ValueError):
+    """Bad input to the browser (unknown directory, column, filter); the CLI prints it and exits 2."""
+
+
+def parse_overrides(items) -> dict[str, str]:
+    """``["optimize=True", "+a.b=1"]`` -> ``{"optimize": "True", "a.b": "1"}`` (``~key`` -> ``<deleted>``)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        item = str(item)
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        out[key] = value if sep else "<deleted>"
+    return out
+
+
+def _role_order(name: str):
+    m = re.fullmatch(r"client_(\d+)", name)
+    return (0, 0, name) if name == "server" else (1, int(m.group(1)), name) if m else (2, 0, name)
+
+
+@dataclass
+class Role:
+    """One role process of a job: its summary (bytes, seconds) and the state of its capture."""
+
+    name: str
+    dir: Path
+    summary: dict
+    status: dict
+    capture_state: str  # ok | missing | truncated | unreadable | open (still being written)
+    capture_reason: str | None
+    flamegraph: Path | None
+    flamegraph_reason: str | None
+
+    def get(self, key: str):
+        return self.summary.get(key)
+
+    @property
+    def is_client(self) -> bool:
+        return self.name.startswith("client")
+
+
+@dataclass
+class Job:
+    """One Hydra job; ``status`` is completed | failed | running | incomplete."""
+
+    dir: Path
+    name: str
+    overrides: dict[str, str]
+    status: str
+    failure: dict | None
+    result: dict
+    roles: dict[str, Role]
+    started: float | None
+    duration_s: float | None
+    model_bytes: int | None
+    rounds: list[dict]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.rounds[-1].get("test_accuracy") if self.rounds else None
+
+    @property
+    def failure_text(self) -> str:
+        if not self.failure:
+            return ""
+        return " ".join(f"{self.failure.get('role')}: {self.failure.get('reason')}".split())
+
+
+@dataclass
+class Sweep:
+    """A sweep root (``kind="sweep"``) or a single run (``kind="run"``, one job) with its jobs."""
+
+    dir: Path
+    kind: str
+    jobs: list[Job]
+    when: datetime
+    expected_jobs: int | None = None
+    sweep_overrides: list[str] = field(default_factory=list)
+
+    @property
+    def varying(self) -> list[str]:
+        """The override keys whose values differ across the jobs, in the order the sweep gave them."""
+        keys: list[str] = []
+        for k in [parse_overrides([o]).popitem()[0] for o in self.sweep_overrides] + \
+                [k for j in self.jobs for k in j.overrides]:
+            if k not in keys:
+                keys.append(k)
+        return [k for k in keys if len({j.overrides.get(k) for j in self.jobs}) > 1]
+
+    @property
+    def failed(self) -> int:
+        return sum(j.status == "failed" for j in self.jobs)
+
+    @property
+    def running(self) -> int:
+        return sum(j.status in ("running", "incomplete") for j in self.jobs)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _load_role(name: str, role_dir: Path, result_summary: dict | None, finished: bool) -> Role:
+    summary = read_json(role_dir / "summary.json") or result_summary or {}
+    status = read_json(role_dir / "status.json", {}) or {}
+    if finished or summary:
+        state, reason = check_capture(role_dir / "capture.bin", summary)
+    else:
+        state, reason = "open", "capture still being written (role running)"
+    html = role_dir / "flamegraph.html"
+    fg_reason = None
+    if not html.exists():
+        html = None
+        fg_reason = (summary.get("flamegraph_error") or summary.get("capture_error")
+                     or ("profiling.flamegraph=false, or not rendered yet" if summary else "role not finished"))
+    return Role(name, role_dir, summary, status, state, reason, html, fg_reason)
+
+
+def load_job(job_dir: Path, name: str | None = None) -> Job:
+    """Read one job directory. Raises BrowseError when ``job_dir`` is not a directory."""
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir():
+        raise BrowseError(f"{job_dir}: not a directory")
+    result = read_json(job_dir / "result.json") or {}
+    overrides = result.get("overrides")
+    if overrides is None:
+        overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+    roles_dir = job_dir / "roles"
+    names = set(result.get("roles", {})) | ({p.name for p in roles_dir.iterdir() if p.is_dir()}
+                                            if roles_dir.is_dir() else set())
+    roles = {n: _load_role(n, roles_dir / n, result.get("roles", {}).get(n), bool(result))
+             for n in sorted(names, key=_role_order)}
+    problems = [f"{r.name}: {r.capture_reason}" for r in roles.values() if r.capture_state not in ("ok", "open")]
+    if result:
+        status = result.get("status", "incomplete")
+        rounds = result.get("rounds") or []
+    else:
+        from flmem.status import read_metrics
+
+        rounds = read_metrics(roles_dir / "server")
+        recent = [r.status.get("updated", 0) for r in roles.values()]
+        live = any(_alive(r.status.get("pid")) for r in roles.values() if r.status.get("phase") != "done")
+        if live or (recent and time.time() - max(recent) < RUNNING_WINDOW_S) or \
+                (not recent and time.time() - job_dir.stat().st_mtime < RUNNING_WINDOW_S):
+            status = "running"
+        else:
+            status = "incomplete"
+            problems.insert(0, "no result.json: the launcher stopped before the job ended")
+    model_bytes = result.get("model_bytes") or next((r.get("model_bytes") for r in roles.values()
+                                                     if r.get("model_bytes")), None)
+    return Job(dir=job_dir, name=name or job_dir.name, overrides=parse_overrides(overrides), status=status,
+               failure=result.get("failure"), result=result, roles=roles, started=result.get("started"),
+               duration_s=result.get("duration_s"), model_bytes=model_bytes, rounds=rounds, problems=problems)
+
+
+def _read_yaml(path: Path):
+    try:
+        import yaml
+
+        return yaml.safe_load(Path(path).read_text())
+    except Exception:  # missing or half-written: treated as absent
+        return None
+
+
+def is_job_dir(path: Path) -> bool:
+    return (path / "result.json").exists() or (path / "roles").is_dir() or (path / ".hydra").is_dir()
+
+
+def _job_key(path: Path):
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+
+
+def _when(path: Path, jobs: list[Job]) -> datetime:
+    try:
+        return datetime.strptime(path.name, _STAMP)
+    except ValueError:
+        started = [j.started for j in jobs if j.started]
+        return datetime.fromtimestamp(min(started) if started else path.stat().st_mtime)
+
+
+def _expected(task_overrides: list[str]) -> int | None:
+    """Jobs a basic-sweeper sweep will run: the product of the comma-separated value counts."""
+    counts = []
+    for item in task_overrides:
+        value = str(item).partition("=")[2]
+        if re.search(r"[\[\]{}()'\"]", value):
+            return None  # range(), choice(), lists, quotes: not worth guessing
+        counts.append(len(value.split(",")))
+    return math.prod(counts) if counts else None
+
+
+def load_sweep(sweep_dir: Path) -> Sweep:
+    """Read a sweep root (or a single run, as a one-job sweep). Raises BrowseError for other directories."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise BrowseError(f"{sweep_dir}: no such directory")
+    if is_job_dir(sweep_dir) and not (sweep_dir / "multirun.yaml").exists():
+        job = load_job(sweep_dir)
+        return Sweep(sweep_dir, "run", [job], _when(sweep_dir, [job]))
+    subdirs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and is_job_dir(p)), key=_job_key)
+    if not subdirs and not (sweep_dir / "multirun.yaml").exists():
+        raise BrowseError(f"{sweep_dir}: not a flmem sweep or run (no multirun.yaml, result.json or job "
+                          "directories in it)")
+    jobs = [load_job(p) for p in subdirs]
+    multirun = _read_yaml(sweep_dir / "multirun.yaml") or {}
+    task = (((multirun.get("hydra") or {}).get("overrides") or {}).get("task")) or []
+    return Sweep(sweep_dir, "sweep", jobs, _when(sweep_dir, jobs), _expected(task), [str(t) for t in task])
+
+
+def list_outputs(root: Path) -> list[Sweep]:
+    """The sweeps (``root/multirun/*``) and single runs (``root/runs/*``) under ``root``, newest first."""
+    root = Path(root)
+    found: list[Sweep] = []
+    for sub in ("multirun", "runs"):
+        base = root / sub
+        if not base.is_dir():
+            continue
+        for path in base.iterdir():
+            if path.is_dir():
+                try:
+                    found.append(load_sweep(path))
+                except BrowseError:
+                    continue  # a stray directory: not ours to list
+    return sorted(found, key=lambda s: s.when, reverse=True)
+
+
+def resolve(target: str | None, root: Path) -> Sweep | Job | list[Sweep]:
+    """What ``flmem browse TARGET`` shows: the listing of ``root`` (None), a Sweep, or a Job.
+
+    ``latest`` is the newest sweep or run under ``root``. A job directory inside a sweep gives that
+    Job. Raises BrowseError naming the target and what is accepted when it is none of these.
+    """
+    root = Path(root)
+    if target is None:
+        if not root.is_dir():
+            raise BrowseError(f"{root}: no such directory; run from the directory holding outputs/ or pass --root")
+        return list_outputs(root)
+    if target == "latest":
+        items = list_outputs(root)
+        if not items:
+            raise BrowseError(f"latest: no sweeps or runs under {root} (looked in {root}/multirun and {root}/runs)")
+        return items[0] if items[0].kind == "sweep" else items[0].jobs[0]
+    path = Path(target)
+    if not path.is_dir():
+        raise BrowseError(f"{target}: no such directory; give a sweep or run directory, 'latest', "
+                          f"or nothing to list {root}")
+    if (path / "multirun").is_dir() or (path / "runs").is_dir():
+        return list_outputs(path)
+    sweep = load_sweep(path)
+    return sweep.jobs[0] if sweep.kind == "run" else sweep

@@ -1,0 +1,165 @@
+"""``--html``: a self-contained ``report.html`` at the sweep (or run) root, readable offline.
+
+It holds the views' tables (each cell carries its raw value in ``data-value``: bytes, seconds),
+the charts (PNG embedded as base64; PNG and SVG files under ``report/`` next to it), and
+relative links to each role's memray flamegraph. No script, font or style is fetched.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from pathlib import Path
+
+from flmem.browse.charts import Chart, memory_over_time_chart, peak_memory_chart
+from flmem.browse.compare import compare
+from flmem.browse.discover import BrowseError, Job, Sweep
+from flmem.browse.render import Section, View, cell
+from flmem.browse.views import compare_view, run_view, sweep_view
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;max-width:1800px}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:15px;margin:16px 0 6px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
+th,td{border:1px solid #ddd;padding:3px 7px;vertical-align:top}
+th{background:#f4f4f6;text-align:center;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.failed td{background:#fdecec} tr.running td,tr.incomplete td{background:#fff8e1}
+tr.noise td{color:#888} td.better{color:#17803d;font-weight:600} td.worse{color:#c62828;font-weight:600}
+.notes{color:#555;font-size:13px;margin:4px 0 10px 18px;padding:0}
+figure{margin:10px 0 18px} figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:12px;color:#555} a{color:#0b57d0}
+details{margin:6px 0} summary{cursor:pointer;font-weight:600}
+"""
+
+
+def _rel(target: Path, base: Path) -> str:
+    return Path(os.path.relpath(target, base)).as_posix()
+
+
+def _links(roles, base: Path) -> str:
+    parts = []
+    for r in roles:
+        if r.flamegraph:
+            parts.append(f'<a class="flamegraph" href="{html.escape(_rel(r.flamegraph, base))}">'
+                         f'{html.escape(r.name)}</a>')
+        else:
+            parts.append(f'<span class="no-flamegraph" title="{html.escape(r.flamegraph_reason or "")}">'
+                         f'{html.escape(r.name)}: none</span>')
+    return " · ".join(parts) or "-"
+
+
+def table_html(section: Section, base: Path, job_for=None, role_for=None) -> str:
+    """``section`` as an HTML table; ``job_for(row)``/``role_for(row)`` supply flamegraph links."""
+    head = "".join(f"<th>{html.escape(c.header).replace(chr(10), '<br>')}</th>" for c in section.columns)
+    if job_for:
+        head += "<th>flamegraphs</th>"
+    body = []
+    for row in section.rows:
+        classes = [str(row.get("status", ""))]
+        if row.get("within_noise"):
+            classes.append("noise")
+        tds = []
+        for c in section.columns:
+            raw = row.get(c.key)
+            text = cell(row, c)
+            cls = "num" if c.kind != "text" else ""
+            if c.key == "diff" and row.get("diff") and not row.get("within_noise"):
+                better = row["diff"] > 0 if row.get("kind") == "accuracy" else row["diff"] < 0
+                cls += " better" if better else " worse"
+            content = html.escape(text)
+            if c.key == "flamegraph" and role_for and role_for(row) is not None:
+                content = _links([role_for(row)], base)
+            value = "" if raw is None else html.escape(str(raw), quote=True)
+            tds.append(f'<td class="{cls.strip()}" data-col="{html.escape(c.key)}" data-value="{value}">{content}</td>')
+        if job_for:
+            tds.append(f'<td data-col="flamegraphs">{_links(job_for(row).roles.values(), base)}</td>')
+        body.append(f'<tr class="{" ".join(classes).strip()}">{"".join(tds)}</tr>')
+    return (f'<table data-section="{html.escape(section.name)}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _notes(notes) -> str:
+    return '<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes else ""
+
+
+def _figure(chart: Chart, base: Path) -> str:
+    data = base64.b64encode(chart.png_bytes).decode()
+    return (f'<figure data-chart="{html.escape(chart.name)}"><img alt="{html.escape(chart.title)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(chart.title)} — '
+            f'<a href="{_rel(chart.png, base)}">PNG</a> · <a href="{_rel(chart.svg, base)}">SVG</a></figcaption>'
+            f"{_notes(chart.notes)}</figure>")
+
+
+def _view_html(view: View, base: Path, job_for=None, role_for=None, level: int = 2) -> str:
+    parts = []
+    for s in view.sections:
+        parts.append(f"<h{level + 1}>{html.escape(s.title)}</h{level + 1}>" if s.title else "")
+        parts.append(table_html(s, base, job_for if s.name == "jobs" else None, role_for))
+    return "".join(parts) + _notes(view.notes)
+
+
+def _page(title: str, body: str) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f'<p class="notes">written by flmem browse at {stamp}; memory in MiB (2<sup>20</sup> bytes), '
+            f"working memory also in units of M (the global model's size), times in seconds</p>"
+            f"{body}</body></html>")
+
+
+def _job_details(job: Job, base: Path, top: int) -> str:
+    view = run_view(job, top)
+    head = f"job {job.name} — {job.status}" + (f" ({job.failure_text})" if job.failure else "")
+    return (f'<details data-job="{html.escape(job.name)}"><summary>{html.escape(head)}</summary>'
+            f"{_view_html(view, base, role_for=lambda row: job.roles.get(row.get('role')), level=3)}</details>")
+
+
+def write_sweep_report(sweep: Sweep, key: str | None, baseline: str | None = None, rel_noise: float = 0.01,
+                       top: int = 5) -> Path:
+    """Write ``<sweep>/report.html`` and ``<sweep>/report/*.png|svg``; returns the HTML path.
+
+    ``key`` (e.g. ``optimize``) chooses the comparison and the overlaid memory-over-time charts;
+    None or a key that does not vary gives one memory chart per job instead.
+    """
+    base, out = sweep.dir, sweep.dir / "report"
+    jobs_by_name = {j.name: j for j in sweep.jobs}
+    body = ["<h2>Jobs</h2>", _view_html(sweep_view(sweep), base, job_for=lambda row: jobs_by_name[row["job"]])]
+    comparison = None
+    if key:
+        try:
+            comparison = compare(sweep, key, baseline, rel_noise)
+        except BrowseError as exc:
+            body.append(_notes([f"no comparison: {exc}"]))
+    if comparison:
+        body += [f"<h2>Comparison: {html.escape(key)}</h2>", _view_html(compare_view(sweep, comparison), base)]
+    body += ["<h2>Charts</h2>", _figure(peak_memory_chart(sweep.jobs, sweep.varying, out), base)]
+    if comparison and comparison.pairs:
+        for i, (group, a, b) in enumerate(p for p in comparison.pairs if p[1].roles or p[2].roles):
+            sides = [(f"{key}={a.overrides.get(key)}", a), (f"{key}={b.overrides.get(key)}", b)]
+            title = f"Memory over time, {group}: {sides[0][0]} vs {sides[1][0]}"
+            body.append(_figure(memory_over_time_chart(f"memory_over_time_{i}", title, sides, out), base))
+    else:
+        for job in [j for j in sweep.jobs if j.roles][:12]:
+            title = f"Memory over time, job {job.name}"
+            body.append(_figure(memory_over_time_chart(f"memory_over_time_job_{job.name}", title,
+                                                       [(f"job {job.name}", job)], out), base))
+    body.append("<h2>Jobs in detail</h2>")
+    body += [_job_details(j, base, top) for j in sweep.jobs]
+    path = base / "report.html"
+    path.write_text(_page(f"flmem sweep {sweep.dir.name}", "".join(body)), encoding="utf-8")
+    return path
+
+
+def write_run_report(job: Job, top: int = 5) -> Path:
+    """Write ``<run>/report.html`` and ``<run>/report/*.png|svg`` for one job; returns the HTML path."""
+    base, out = job.dir, job.dir / "report"
+    view = run_view(job, top)
+    body = [_view_html(view, base, role_for=lambda row: job.roles.get(row.get("role"))), "<h2>Charts</h2>",
+            _figure(memory_over_time_chart("memory_over_time", f"Memory over time, {job.dir.name}",
+                                           [(job.dir.name, job)], out), base)]
+    path = base / "report.html"
+    path.write_text(_page(f"flmem run {job.dir.name}", "".join(body)), encoding="utf-8")
+    return path

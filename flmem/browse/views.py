@@ -1,0 +1,145 @@
+"""The four views of ``flmem browse``: the listing, a sweep's jobs, a comparison, and a single run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flmem.browse.compare import Comparison
+from flmem.browse.discover import Job, Sweep
+from flmem.browse.render import View, Section, MiB
+from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
+
+ROLE_COLUMNS = [
+    Column("role", "role", "text"), Column("exit_code", "exit", "text"),
+    Column("peak_heap_bytes", "peak heap\nMiB", "bytes"), Column("baseline_heap_bytes", "baseline\nMiB", "bytes"),
+    Column("working_heap_bytes", "working\nMiB", "bytes"), Column("working_heap_in_M", "working\n/ M", "ratio"),
+    Column("peak_rss_bytes", "peak RSS\nMiB", "bytes"), Column("total_allocations", "allocations", "int"),
+    Column("duration_s", "run time\ns", "seconds"), Column("capture", "capture", "text"),
+    Column("flamegraph", "flamegraph", "text"),
+]
+SITE_COLUMNS = [
+    Column("role", "role", "text"), Column("rank", "#", "text"), Column("bytes", "MiB at\nhigh-water", "bytes"),
+    Column("allocations", "allocations", "int"), Column("function", "function", "text"),
+    Column("site", "file:line", "text"), Column("flmem_caller", "flmem caller", "text"),
+]
+ROUND_COLUMNS = [
+    Column("round", "round", "text"), Column("test_loss", "test loss", "number"),
+    Column("test_accuracy", "test accuracy", "accuracy"), Column("round_s", "round s", "seconds"),
+    Column("aggregate_s", "aggregate s", "seconds"), Column("client_train_s", "clients mean\ntrain s", "seconds"),
+    Column("client_loss", "clients mean\nloss", "number"),
+]
+COMPARE_COLUMNS = [
+    Column("group", "pair", "text"), Column("role", "role", "text"), Column("metric", "metric", "text"),
+    Column("before", "before", "row"), Column("after", "after", "row"), Column("diff", "diff", "diff_row"),
+    Column("ratio", "ratio", "ratio_x"), Column("note", "note", "text"),
+]
+
+
+def short(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd().resolve()) else str(path)
+    except (OSError, ValueError):
+        return str(path)
+
+
+def _value_list(sweep: Sweep, key: str) -> str:
+    return ",".join(dict.fromkeys(str(j.overrides.get(key)) for j in sweep.jobs))
+
+
+def listing_view(items: list[Sweep], root: Path) -> View:
+    rows = []
+    for s in items:
+        varying = s.varying if s.kind == "sweep" else list(s.jobs[0].overrides) if s.jobs else []
+        rows.append({"kind": s.kind, "path": short(s.dir), "when": s.when.strftime("%Y-%m-%d %H:%M:%S"),
+                     "jobs": len(s.jobs), "planned": s.expected_jobs, "failed": s.failed, "running": s.running,
+                     "problems": sum(bool(j.problems) for j in s.jobs),
+                     "varying": " ".join(f"{k}={_value_list(s, k)}" for k in varying) if s.kind == "sweep"
+                     else " ".join(f"{k}={s.jobs[0].overrides[k]}" for k in varying)})
+    cols = [Column(k, h, "text") for k, h in (("kind", "kind"), ("path", "path"), ("when", "when"), ("jobs", "jobs"),
+                                              ("planned", "jobs planned"), ("failed", "failed"), ("running", "running / incomplete"),
+                                              ("problems", "jobs with capture problems"),
+                                              ("varying", "overrides that vary"))]
+    notes = [] if items else [f"no sweeps or runs under {root} (looked in {root}/multirun and {root}/runs)"]
+    return View(f"sweeps and runs under {short(root)}, newest first", [Section("runs", "", cols, rows)], notes,
+                {"root": str(root)})
+
+
+def sweep_view(sweep: Sweep, filters: list[str] = (), sort: str | None = None) -> View:
+    columns, rows = sweep_rows(sweep)
+    rows = sort_rows(apply_filters(rows, list(filters), sweep.jobs), sort, columns)
+    notes = []
+    if sweep.expected_jobs and sweep.expected_jobs > len(sweep.jobs):
+        notes.append(f"{sweep.expected_jobs - len(sweep.jobs)} of {sweep.expected_jobs} jobs not started yet")
+    models = {j.model_bytes for j in sweep.jobs if j.model_bytes}
+    if models:
+        notes.append("M = global model size: " + ", ".join(f"{m / MiB:.2f} MiB" for m in sorted(models)))
+    title = (f"sweep {short(sweep.dir)}: {len(sweep.jobs)} jobs, {sweep.failed} failed, "
+             f"{sweep.running} running or incomplete")
+    return View(title, [Section("jobs", "", columns, rows)], notes,
+                {"dir": str(sweep.dir), "varying": sweep.varying})
+
+
+def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) -> View:
+    rows = []
+    for r in comparison.rows:
+        d = r.as_dict()
+        d["kind"] = r.kind
+        if r.within_noise:
+            d["note"] = ("within noise (±" + ("%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else
+                                              f"{r.noise:.3g}") + ")" + (f"; {r.note}" if r.note else ""))
+        rows.append(d)
+    if filters:
+        rows = apply_filters(rows, list(filters), [])
+    key = comparison.key
+    cols = [Column(c.key, f"before\n{key}={comparison.before_value}" if c.key == "before" else
+                   f"after\n{key}={'|'.join(comparison.after_values)}" if c.key == "after" else c.header, c.kind)
+            for c in COMPARE_COLUMNS]
+    cols.insert(-1, Column("noise", "noise", "row"))
+    notes = ["diff = after - before (memory in MiB, time in s); ratio = after / before; "
+             "green: lower memory or time, red: higher; dim: within the measured noise"]
+    notes += [f"unpaired: {u}" for u in comparison.unpaired]
+    if not comparison.pairs:
+        notes.append(f"no pair of jobs differs only in {key}")
+    title = f"sweep {short(sweep.dir)}: {key}={comparison.before_value} (before) vs " \
+            f"{key}={'|'.join(comparison.after_values)} (after), {len(comparison.pairs)} pairs"
+    meta = {"dir": str(sweep.dir), "key": key, "before_value": comparison.before_value,
+            "after_values": comparison.after_values,
+            "pairs": [{"group": g, "before_job": a.name, "after_job": b.name} for g, a, b in comparison.pairs],
+            "unpaired": comparison.unpaired}
+    return View(title, [Section("comparison", "", cols, rows)], notes, meta)
+
+
+def run_view(job: Job, top: int = 5) -> View:
+    roles, sites = [], []
+    for r in job.roles.values():
+        s = r.summary
+        capture = "ok" if r.capture_state == "ok" else f"{r.capture_state}: {r.capture_reason}"
+        flame = short(r.flamegraph) if r.flamegraph else f"none ({r.flamegraph_reason})"
+        roles.append({**{c.key: s.get(c.key) for c in ROLE_COLUMNS}, "role": r.name, "capture": capture,
+                      "flamegraph": flame, "exit_code": s.get("exit_code", r.status.get("phase"))})
+        for i, site in enumerate((s.get("top_sites") or [])[:top], 1):
+            sites.append({**site, "role": r.name, "rank": i, "site": f"{site.get('file')}:{site.get('line')}"})
+    client_rounds = job.result.get("client_rounds") or {}
+    rounds = []
+    for rec in job.rounds:
+        per_client = [c for recs in client_rounds.values() for c in recs if c.get("round") == rec.get("round")]
+        mean = (lambda k: sum(c[k] for c in per_client if k in c) / len(per_client) if per_client else None)
+        rounds.append({**rec, "client_train_s": mean("train_s"), "client_loss": mean("loss")})
+    m = job.model_bytes
+    notes = [f"status: {job.status}" + (f"; failed role {job.failure_text}" if job.failure else ""),
+             "overrides: " + (" ".join(f"{k}={v}" for k, v in job.overrides.items()) or "none"),
+             "global model M = " + (f"{m / MiB:.2f} MiB ({m} bytes)" if m else "unknown")
+             + (f"; run time {job.duration_s:.1f} s" if job.duration_s else "")
+             + (f"; final accuracy {job.final_accuracy:.3f}" if job.final_accuracy is not None else "")]
+    notes += [f"problem: {p}" for p in job.problems]
+    sections = [Section("roles", "per role (memory in MiB, working memory also in units of M)", ROLE_COLUMNS, roles),
+                Section("top_sites", f"top {top} allocation sites per role at the high-water mark", SITE_COLUMNS,
+                        sites),
+                Section("rounds", "per round (server evaluation of the global model; clients' mean)", ROUND_COLUMNS,
+                        rounds)]
+    return View(f"run {short(job.dir)}", sections, notes, {"dir": str(job.dir), "status": job.status,
+                                                         "failure": job.failure, "overrides": job.overrides,
+                                                         "model_bytes": m, "duration_s": job.duration_s,
+                                                         "final_accuracy": job.final_accuracy,
+                                                         "problems": job.problems})
