@@ -68,7 +68,7 @@ def _synthetic(cfg, train: bool, block: int = 256) -> ImageData:
     for start in range(0, n, block):  # in blocks: float temporaries stay small next to the uint8 result
         stop = min(n, start + block)
         noise = torch.rand(stop - start, c, s, s, generator=gen)
-        images[start:stop] = (0.15 * patterns[labels[start:stop]] + 0.85 * noise).mul_(255).round_().to(torch.uint8)
+        images[start:stop] = (0.25 * patterns[labels[start:stop]] + 0.75 * noise).mul_(255).round_().to(torch.uint8)
     return ImageData(images, labels)
 
 

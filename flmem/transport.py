@@ -58,10 +58,14 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
     Raises:
         TransportError: the address cannot be bound (gRPC reports that by returning port 0).
     """
+    # SO_REUSEPORT (gRPC's default) would let a second job bind a busy port and steal its clients.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=channel_options(max_message_bytes))
+                         options=channel_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
     flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # newer gRPC raises where older ones return 0
+        bound = 0
     if bound == 0:
         raise TransportError(f"cannot listen on {host}:{port} (in use or not a local address); "
                              "pick another server.port, or server.port=0 for a free one")

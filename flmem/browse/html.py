@@ -15,7 +15,7 @@ from pathlib import Path
 from flmem.browse.charts import Chart, memory_over_time_chart, peak_memory_chart
 from flmem.browse.compare import compare
 from flmem.browse.discover import BrowseError, Job, Sweep
-from flmem.browse.render import Section, View, cell
+from flmem.browse.render import Section, View, cell, people
 from flmem.browse.views import compare_view, run_view, sweep_view
 
 CSS = """
@@ -53,7 +53,7 @@ def _links(roles, base: Path) -> str:
 
 def table_html(section: Section, base: Path, job_for=None, role_for=None) -> str:
     """``section`` as an HTML table; ``job_for(row)``/``role_for(row)`` supply flamegraph links."""
-    head = "".join(f"<th>{html.escape(c.header).replace(chr(10), '<br>')}</th>" for c in section.columns)
+    head = "".join(f"<th>{html.escape(c.header).replace(chr(10), '<br>')}</th>" for c in people(section))
     if job_for:
         head += "<th>flamegraphs</th>"
     body = []
@@ -62,7 +62,7 @@ def table_html(section: Section, base: Path, job_for=None, role_for=None) -> str
         if row.get("within_noise"):
             classes.append("noise")
         tds = []
-        for c in section.columns:
+        for c in people(section):
             raw = row.get(c.key)
             text = cell(row, c)
             cls = "num" if c.kind != "text" else ""

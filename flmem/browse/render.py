@@ -83,16 +83,21 @@ def _style(row: dict) -> str | None:
     return None
 
 
+def people(section: Section) -> list[Column]:
+    """The columns shown to people (table, markdown, HTML); csv and json get all of them."""
+    return [c for c in section.columns if c.people]
+
+
 def print_table(view: View, console: Console) -> None:
     console.print(f"[bold]{view.title}[/bold]", soft_wrap=True)
     for section in view.sections:
         table = Table(title=section.title, title_justify="left", show_lines=False)
-        for col in section.columns:
+        for col in people(section):
             numeric = col.kind not in ("text",)
             table.add_column(col.header, justify="right" if numeric else "left",
                              overflow="fold", max_width=60 if col.key in ("notes", "note", "reason") else None)
         for row in section.rows:
-            table.add_row(*[cell(row, c) for c in section.columns], style=_style(row))
+            table.add_row(*[cell(row, c) for c in people(section)], style=_style(row))
         console.print(table)
     for note in view.notes:
         console.print(f"  {note}", soft_wrap=True, highlight=False)
@@ -102,12 +107,11 @@ def to_markdown(view: View) -> str:
     out = [f"## {view.title}", ""]
     for section in view.sections:
         out += [f"### {section.title}", ""]
-        headers = [c.header.replace("\n", " ") for c in section.columns]
-        out.append("| " + " | ".join(headers) + " |")
-        out.append("|" + "|".join("---:" if c.kind != "text" else "---" for c in section.columns) + "|")
+        cols = people(section)
+        out.append("| " + " | ".join(c.header.replace("\n", " ").replace("|", "\\|") for c in cols) + " |")
+        out.append("|" + "|".join("---:" if c.kind != "text" else "---" for c in cols) + "|")
         for row in section.rows:
-            out.append("| " + " | ".join(cell(row, c).replace("|", "\\|").replace("\n", " ")
-                                         for c in section.columns) + " |")
+            out.append("| " + " | ".join(cell(row, c).replace("|", "\\|") for c in cols) + " |")
         out.append("")
     out += [f"- {n}" for n in view.notes]
     return "\n".join(out).rstrip() + "\n"

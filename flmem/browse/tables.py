@@ -18,6 +18,7 @@ class Column:
     key: str
     header: str
     kind: str  # bytes | ratio | seconds | accuracy | text
+    people: bool = True  # False: only in csv and json (the table and markdown show it another way)
 
 
 METRIC_COLUMNS = [
@@ -66,7 +67,8 @@ def job_row(job: Job, keys: list[str]) -> dict:
 
 def columns_for(keys: list[str]) -> list[Column]:
     return ([Column("job", "job", "text")] + [Column(k, k, "text") for k in keys]
-            + [Column("status", "status", "text")] + METRIC_COLUMNS + [Column("notes", "notes", "text")])
+            + [Column("status", "status", "text")] + METRIC_COLUMNS + [Column("notes", "notes", "text")]
+            + [Column("failure_role", "failed role", "text", False), Column("failure_reason", "reason", "text", False)])
 
 
 def sweep_rows(sweep: Sweep) -> tuple[list[Column], list[dict]]:
@@ -120,7 +122,7 @@ def sort_rows(rows: list[dict], column: str | None, columns: list[Column]) -> li
         return rows
     desc = column.startswith("-")
     key = column.lstrip("-")
-    valid = [c.key for c in columns] + ["failure_role", "failure_reason"]
+    valid = [c.key for c in columns]
     if key not in valid:
         raise BrowseError(f"--sort {column!r}: unknown column; valid columns: {', '.join(valid)} "
                           "(prefix with - for descending)")

@@ -1,0 +1,101 @@
+"""Real outputs for tests/test_browse.py: one tiny sweep (two jobs that run, two that fail), and
+runs derived from it with a missing, an unreadable and a truncated capture, or no result.json."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["rounds=1", "local_steps=2", "dataset.train_size=256", "dataset.test_size=128",
+        "dataset.samples_per_client=64", "dataset.test_samples=64", "timeouts.job_s=600"]
+#: optimize=true,false x num_clients=0,2: num_clients=0 fails config validation (a failed job that
+#: costs nothing), num_clients=2 gives one original/optimized pair with a server and two clients.
+SWEEP = ["optimize=true,false", "num_clients=0,2", *TINY,
+         "+hydra.callbacks.sweep_summary._target_=flmem.callbacks.SweepSummary"]
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def chromium_argv(browser: str, profile: Path) -> list[str]:
+    """Headless and offline: no sandbox (root in CI), no GPU, no network services, a throwaway profile."""
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-default-apps", "--disable-extensions", "--hide-scrollbars", "--mute-audio",
+            "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", f"--user-data-dir={profile}"]
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory) -> Path:
+    """``<tmp>/outputs`` after running SWEEP for real (about two minutes on two cores)."""
+    cwd = tmp_path_factory.mktemp("browse")
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "-m", *SWEEP], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, COLUMNS="200"))
+    (cwd / "sweep.log").write_text(proc.stdout + proc.stderr)
+    sweeps = list((cwd / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, f"launch.py exits 1 when a job failed; got {proc.returncode}\n{proc.stderr[-3000:]}"
+    return cwd / "outputs"
+
+
+@pytest.fixture(scope="session")
+def sweep(outputs) -> Path:
+    return next((outputs / "multirun").iterdir())
+
+
+@pytest.fixture(scope="session")
+def sweep_log(outputs) -> str:
+    return (outputs.parent / "sweep.log").read_text()
+
+
+def completed_job(sweep_dir: Path, optimize: str) -> Path:
+    for job in sorted(p for p in sweep_dir.iterdir() if p.name.isdigit()):
+        result = json.loads((job / "result.json").read_text())
+        if result["status"] == "completed" and f"optimize={optimize}" in [o.lower() for o in result["overrides"]]:
+            return job
+    raise AssertionError(f"no completed job with optimize={optimize} in {sweep_dir}")
+
+
+@pytest.fixture(scope="session")
+def damaged_run(outputs, sweep) -> Path:
+    """A single run copied from a completed job: server capture deleted, client_0's cut to 1000 bytes
+    (unreadable), client_1's cut to 100 kB (truncated)."""
+    run = outputs / "runs" / "2030-01-01_00-00-00-000000"
+    shutil.copytree(completed_job(sweep, "true"), run, ignore=shutil.ignore_patterns(".hydra"))
+    (run / "roles" / "server" / "capture.bin").unlink()
+    os.truncate(run / "roles" / "client_0" / "capture.bin", 1000)
+    os.truncate(run / "roles" / "client_1" / "capture.bin", 100_000)
+    return run
+
+
+@pytest.fixture()
+def unfinished_runs(tmp_path, sweep) -> tuple[Path, Path]:
+    """Two copies of a job without result.json: one whose roles wrote status.json just now
+    (running), one untouched for an hour (incomplete: the launcher died)."""
+    src = completed_job(sweep, "true")
+    running, dead = tmp_path / "running", tmp_path / "dead"
+    for dst in (running, dead):
+        shutil.copytree(src, dst)
+        (dst / "result.json").unlink()
+        for summary in dst.glob("roles/*/summary.json"):
+            summary.unlink()
+    status = json.loads((running / "roles" / "server" / "status.json").read_text())
+    status.update(phase="round 1", updated=time.time(), pid=os.getpid())
+    (running / "roles" / "server" / "status.json").write_text(json.dumps(status))
+    old = time.time() - 3600
+    for path in dead.glob("roles/*/status.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "updated": old, "pid": None}))
+    for path in dead.rglob("*"):
+        os.utime(path, (old, old))
+    return running, dead

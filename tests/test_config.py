@@ -1,0 +1,96 @@
+"""Config composition (Hydra compose API) and validation."""
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+
+from flmem.config import ConfigError, validate
+from tests.conftest import CONF
+
+GROUPS = {"dataset": ["synthetic", "cifar", "mnist", "fashion_mnist"], "model": ["cnn", "resnet18"],
+          "role": ["local", "server", "client"], "optimization": ["paths"]}
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_every_group_option_is_on_disk():
+    for group, options in GROUPS.items():
+        assert sorted(p.stem for p in (CONF / group).glob("*.yaml")) == sorted(options)
+
+
+@pytest.mark.parametrize("dataset", GROUPS["dataset"])
+@pytest.mark.parametrize("model", GROUPS["model"])
+def test_dataset_and_model_compose_and_fit(dataset, model):
+    cfg = compose_cfg(f"dataset={dataset}", f"model={model}")
+    validate(cfg)
+    net = instantiate(cfg.model)
+    ds = cfg.dataset
+    logits = net.eval()(torch.zeros(2, ds.channels, ds.image_size, ds.image_size))
+    assert logits.shape == (2, ds.num_classes)
+    assert net.state_dict()[next(iter(net.state_dict()))].shape[1] == ds.channels  # first conv takes the channels
+
+
+@pytest.mark.parametrize("role", GROUPS["role"])
+def test_role_options_compose(role):
+    extra = ["server.address=10.0.0.5:50051", "role.rank=1"] if role == "client" else []
+    cfg = compose_cfg(f"role={role}", *extra)
+    validate(cfg)
+    assert cfg.role.name == role
+
+
+def test_optimize_switches_every_path_and_each_flag_overrides_alone():
+    on, off = compose_cfg("optimize=true"), compose_cfg("optimize=false")
+    keys = ["trainer", "serde", "transport", "aggregation", "release"]
+    assert all(on.optimization[k] is True for k in keys)
+    assert all(off.optimization[k] is False for k in keys)
+    mixed = compose_cfg("optimize=true", "optimization.trainer=false")
+    assert mixed.optimization.trainer is False
+    assert all(mixed.optimization[k] is True for k in keys if k != "trainer")
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(MissingConfigException) as err:
+        compose_cfg("dataset=imagenet")
+    for name in GROUPS["dataset"]:
+        assert name in str(err.value)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match="num_client"):
+        compose_cfg("num_client=3")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("num_clients=0", "num_clients=0: must be an integer >= 1"),
+    ("rounds=-1", "rounds=-1: must be an integer >= 1"),
+    ("transport.chunk_size=8388608", "transport.chunk_size=8388608: must be between 1024 and "
+                                     "transport.max_message_bytes"),
+    ("transport.chunk_size=1001", "must be a multiple of 8"),
+    ("optimizer=rmsprop", "optimizer=rmsprop: must be sgd or adam"),
+    ("lr=0", "lr=0: must be a number > 0"),
+    ("dataset.partition=shards", "dataset.partition=shards: must be iid or dirichlet"),
+    ("profiling.capture_format=json", "profiling.capture_format=json"),
+    ("rounds=three", "rounds=three: must be an integer >= 1"),
+])
+def test_bad_values_name_the_key_and_the_rule(override, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(override))
+    assert expected in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("num_clients=0", "rounds=0"))
+    assert "num_clients=0" in str(err.value) and "rounds=0" in str(err.value)
+
+
+def test_client_role_needs_a_real_server_address_and_rank():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("role=client", "role.rank=5"))
+    message = str(err.value)
+    assert "role.rank=5: must be in 0..num_clients-1 = 0..1" in message
+    assert "server.address=127.0.0.1:0" in message

@@ -1,0 +1,155 @@
+"""Whole jobs as a user runs them: `python launch.py ...` with real processes, gRPC and memray captures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import memray
+import pytest
+import torch
+
+from tests.conftest import REPO, TINY, job_dirs, launch, result
+
+pytestmark = pytest.mark.slow
+
+
+def check_role_files(job_dir, roles):
+    res = result(job_dir)
+    assert sorted(res["roles"]) == sorted(roles)
+    for role in roles:
+        role_dir = job_dir / "roles" / role
+        summary = json.loads((role_dir / "summary.json").read_text())
+        reader = memray.FileReader(str(role_dir / "capture.bin"))
+        assert reader.metadata.peak_memory > 0
+        assert summary["peak_heap_bytes"] == reader.metadata.peak_memory
+        assert 0 < summary["baseline_heap_bytes"] < summary["peak_heap_bytes"]
+        assert summary["working_heap_bytes"] == summary["peak_heap_bytes"] - summary["baseline_heap_bytes"]
+        assert summary["peak_rss_bytes"] >= summary["peak_heap_bytes"] - summary["baseline_heap_bytes"]
+        assert summary["total_allocations"] > 0 and summary["duration_s"] > 0 and summary["top_sites"]
+        assert (role_dir / "flamegraph.html").stat().st_size > 10_000
+        assert res["roles"][role]["peak_heap_bytes"] == summary["peak_heap_bytes"]
+    return res
+
+
+def test_default_run_prints_progress_and_the_memory_table(tmp_path):
+    proc = launch([], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = job_dirs(tmp_path)
+    res = check_role_files(job, ["server", "client_0", "client_1"])
+    assert res["status"] == "completed" and len(res["rounds"]) == 3
+    assert 0.0 <= res["rounds"][-1]["test_accuracy"] <= 1.0
+    assert res["rounds"][-1]["test_accuracy"] > 0.2  # learnable: twice chance (0.1) at least
+    out = proc.stdout
+    assert "3/3" in out and "peak heap MiB" in out
+    for role in ("server", "client_0", "client_1"):
+        assert str(job / "roles" / role / "flamegraph.html") in out
+
+
+def test_exact_sweep_runs_four_profiled_jobs_and_paths_agree(tmp_path, tiny_data):
+    proc = launch(["-m", "dataset=cifar,mnist", "optimize=true,false"], tmp_path, env={"FLMEM_DATA": str(tiny_data)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = job_dirs(tmp_path)
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"] and len({j.parent for j in jobs}) == 1
+    finals = {}
+    for job in jobs:
+        res = check_role_files(job, ["server", "client_0", "client_1"])
+        assert res["status"] == "completed" and len(res["rounds"]) == 3
+        overrides = dict(o.split("=") for o in res["overrides"])
+        channels = 3 if overrides["dataset"] == "cifar" else 1
+        state = torch.load(job / "roles" / "server" / "global_model.pt", weights_only=True)
+        assert next(iter(state.values())).shape[1] == channels  # the model fits the dataset
+        finals[(overrides["dataset"], overrides["optimize"].lower())] = state  # Hydra writes True/False
+    for dataset in ("cifar", "mnist"):
+        original, optimized = finals[(dataset, "false")], finals[(dataset, "true")]
+        for name in original:
+            assert torch.allclose(original[name].float(), optimized[name].float(), rtol=1e-4, atol=1e-5), name
+
+
+def test_fashion_mnist_from_debian_files(tmp_path):
+    proc = launch(["dataset=fashion_mnist", f"dataset.root={tmp_path / 'nothing-here'}", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = job_dirs(tmp_path)
+    res = check_role_files(job, ["server", "client_0", "client_1"])
+    assert res["rounds"][-1]["test_samples"] == 64
+    assert all(r["samples"] == 48 for r in res["client_rounds"]["client_0"])
+
+
+def test_crashed_client_ends_the_job_with_its_name_and_keeps_other_captures(tmp_path):
+    args = [sys.executable, str(REPO / "launch.py"), "rounds=200", "local_steps=1", "timeouts.round_s=120"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    status_file = None
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        found = list(tmp_path.glob("outputs/runs/*/roles/client_1/status.json"))
+        if found and json.loads(found[0].read_text()).get("rounds_done", 0) >= 1:
+            status_file = found[0]
+            break
+        time.sleep(0.2)
+    assert status_file, "client_1 never finished a round"
+    os.kill(json.loads(status_file.read_text())["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    (job,) = job_dirs(tmp_path)
+    res = result(job)
+    assert res["status"] == "failed"
+    assert res["failure"] == {"role": "client_1", "reason": "killed by signal SIGKILL"}
+    assert "job failed in client_1: killed by signal SIGKILL" in " ".join(out.split())
+    server = json.loads((job / "roles" / "server" / "summary.json").read_text())
+    assert server["capture_error"] is None and server["peak_heap_bytes"] > 0  # stopped cleanly, capture kept
+    assert res["roles"]["client_1"]["capture_error"].startswith("unreadable capture")
+
+
+def test_bad_input_fails_fast_with_the_key_and_the_fix(tmp_path):
+    proc = launch(["num_clients=0", "transport.chunk_size=8388608"], tmp_path)
+    assert proc.returncode == 1
+    assert "num_clients=0: must be an integer >= 1" in proc.stdout
+    assert "transport.chunk_size=8388608: must be between 1024" in proc.stdout
+    proc = launch(["dataset=cifar", f"dataset.root={tmp_path / 'missing'}"], tmp_path)
+    assert proc.returncode == 1 and "cifar-10-batches-py lacks data_batch_1" in " ".join(proc.stdout.split())
+    proc = launch(["dataset=imagenet"], tmp_path)
+    assert proc.returncode == 1 and "Available options" in proc.stderr and "fashion_mnist" in proc.stderr
+    assert all(result(j)["failure"]["role"] == "config" for j in job_dirs(tmp_path))
+    assert not list(tmp_path.glob("outputs/**/capture.bin"))  # no process was started
+
+
+def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path):
+    args = [sys.executable, str(REPO / "launch.py"), "rounds=0"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
+    assert [p.wait(120) for p in procs] == [1, 1]
+    assert len(job_dirs(tmp_path)) == 2
+
+
+def test_multirun_goes_on_after_a_failed_job(tmp_path):
+    proc = launch(["-m", "num_clients=0,2", *TINY], tmp_path)
+    assert proc.returncode == 1  # a sweep with a failed job says so
+    first, second = job_dirs(tmp_path)
+    assert result(first)["status"] == "failed" and "num_clients=0" in result(first)["failure"]["reason"]
+    assert result(second)["status"] == "completed"
+
+
+def test_server_and_clients_started_as_separate_roles(tmp_path, free_port):
+    common = [*TINY, f"server.port={free_port}"]
+    server = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "role=server", *common],
+                              cwd=tmp_path / ".", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    clients = []
+    for rank in range(2):
+        cwd = tmp_path / f"client{rank}"
+        cwd.mkdir()
+        clients.append((cwd, subprocess.Popen(
+            [sys.executable, str(REPO / "launch.py"), "role=client", f"role.rank={rank}",
+             f"server.address=127.0.0.1:{free_port}", *common], cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)))
+    out, _ = server.communicate(timeout=300)
+    assert server.returncode == 0, out
+    assert f"server listening on 127.0.0.1:{free_port}" in out
+    for cwd, proc in clients:
+        client_out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, client_out
+        (job,) = job_dirs(cwd)
+        assert len(result(job)["client_rounds"]) == 1
+    (server_job,) = [j for j in job_dirs(tmp_path) if (j / "roles" / "server").exists()]
+    res = check_role_files(server_job, ["server"])
+    assert len(res["rounds"]) == 2
