@@ -4,13 +4,17 @@ Definitions used throughout flmem:
 
 * peak heap: memray's high-water mark of live heap allocations (bytes), ``metadata.peak_memory``.
 * baseline heap: the heap when the role had finished its imports, before any model or data
-  existed (bytes); read from memray's periodic memory snapshots at the worker's baseline mark.
+  existed (bytes). With ``profiling.track_imports=true`` it is read from memray's periodic
+  memory snapshots at the worker's baseline mark; by default the Tracker starts right after the
+  imports and the baseline is the allocator's own count of bytes in use at that moment (glibc
+  ``mallinfo2``: ``uordblks + hblkhd``), so peak heap = baseline + memray's tracked peak.
 * working memory: peak heap minus baseline heap (bytes; also in units of M, the model bytes).
 * peak RSS: the largest resident set size in the snapshots, and ``ru_maxrss`` of the process
   (recorded even when profiling is off).
 """
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 from collections import defaultdict
@@ -19,6 +23,22 @@ from pathlib import Path
 from flmem.status import read_json, write_json
 
 MiB = 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C allocator has handed out and not yet freed (glibc ``mallinfo2``), or None elsewhere."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def _baseline_heap(snapshots, baseline_ms: float | None) -> int | None:
@@ -60,7 +80,7 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
     summary = {
         "role": role, "exit_code": markers.get("exit_code"), "error": markers.get("error"),
         "capture": str(capture) if capture.exists() else None, "flamegraph": None,
-        "peak_heap_bytes": None, "baseline_heap_bytes": None, "working_heap_bytes": None,
+        "peak_heap_bytes": None, "tracked_peak_bytes": None, "baseline_heap_bytes": None, "working_heap_bytes": None,
         "peak_rss_bytes": markers.get("max_rss_bytes"), "total_allocations": None,
         "duration_s": (markers["end_ms"] - markers["start_ms"]) / 1000 if "end_ms" in markers else None,
         "model_bytes": model_bytes, "working_heap_in_M": None, "top_sites": [], "capture_error": None,
@@ -85,11 +105,17 @@ def _read_capture(capture: Path, markers: dict, summary: dict, top: int) -> None
     try:
         meta = reader.metadata
         snapshots = list(reader.get_memory_snapshots())
-        summary["peak_heap_bytes"] = int(meta.peak_memory)
+        summary["tracked_peak_bytes"] = int(meta.peak_memory)
         summary["total_allocations"] = int(meta.total_allocations)
-        summary["baseline_heap_bytes"] = _baseline_heap(snapshots, markers.get("baseline_ms"))
-        if summary["baseline_heap_bytes"] is not None:
-            summary["working_heap_bytes"] = summary["peak_heap_bytes"] - summary["baseline_heap_bytes"]
+        if "untracked_baseline_heap_bytes" in markers:  # the Tracker started after the imports
+            summary["baseline_heap_bytes"] = markers["untracked_baseline_heap_bytes"]
+            summary["working_heap_bytes"] = summary["tracked_peak_bytes"]
+            summary["peak_heap_bytes"] = summary["tracked_peak_bytes"] + (summary["baseline_heap_bytes"] or 0)
+        else:
+            summary["peak_heap_bytes"] = summary["tracked_peak_bytes"]
+            summary["baseline_heap_bytes"] = _baseline_heap(snapshots, markers.get("baseline_ms"))
+            if summary["baseline_heap_bytes"] is not None:
+                summary["working_heap_bytes"] = summary["peak_heap_bytes"] - summary["baseline_heap_bytes"]
         if snapshots:
             summary["peak_rss_bytes"] = max(int(max(s.rss for s in snapshots)), summary["peak_rss_bytes"] or 0)
         if summary["duration_s"] is None:

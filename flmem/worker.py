@@ -43,6 +43,17 @@ def _mark_baseline(markers: dict, out: Path, interval_ms: int) -> None:
     time.sleep(3 * interval_ms / 1000)
 
 
+def _import_role_modules() -> None:
+    """The imports every role needs (torch, gRPC, Hydra, flmem's roles): done before any model or data."""
+    import hydra.utils  # noqa: F401
+    import torch  # noqa: F401
+
+    import flmem.client  # noqa: F401
+    import flmem.data  # noqa: F401
+    import flmem.server  # noqa: F401
+    import flmem.transport  # noqa: F401
+
+
 def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
     """The server's address once its ``ready.json`` exists (clients start while the server imports)."""
     deadline = time.time() + timeout_s
@@ -56,6 +67,7 @@ def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
 
 def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: str | None = None) -> dict:
     """Build the role's objects from ``cfg`` and run it. Returns its metrics history."""
+    _import_role_modules()
     import hydra.utils
     import torch
 
@@ -131,6 +143,13 @@ def main(argv=None) -> int:
     import yaml  # light: the profiling options are needed before the Tracker starts
 
     profiling = yaml.safe_load(Path(args.config).read_text())["profiling"]
+    if profiling["enabled"] and not profiling["track_imports"]:
+        # Tracking imports costs seconds of CPU per role and shows no FL memory: import first, and take
+        # the baseline from the allocator itself just before the Tracker starts.
+        from flmem.profiling import heap_in_use
+
+        _import_role_modules()
+        markers["untracked_baseline_heap_bytes"] = heap_in_use()
     code, error = 0, None
     with _tracker(profiling, out / "capture.bin"):
         try:
