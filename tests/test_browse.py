@@ -91,7 +91,7 @@ def test_sweep_rows_equal_role_summaries(capsys, sweep):
     for row in completed:
         assert f"{row['server_peak_heap_bytes'] / MiB:,.1f}" in out
         assert f"{row['clients_peak_rss_mean_bytes'] / MiB:,.1f}" in out
-    assert "failed" in out and "config: invalid config" in out
+    assert "failed" in out and "config:" in out and "invalid" in out
 
 
 @slow

@@ -21,6 +21,7 @@ SITE_COLUMNS = [
     Column("role", "role", "text"), Column("rank", "#", "text"), Column("bytes", "MiB at\nhigh-water", "bytes"),
     Column("allocations", "allocations", "int"), Column("function", "function", "text"),
     Column("site", "file:line", "text"), Column("flmem_caller", "flmem caller", "text"),
+    Column("file", "file", "text", False), Column("line", "line", "text", False),
 ]
 ROUND_COLUMNS = [
     Column("round", "round", "text"), Column("test_loss", "test loss", "number"),
@@ -32,6 +33,7 @@ COMPARE_COLUMNS = [
     Column("group", "pair", "text"), Column("role", "role", "text"), Column("metric", "metric", "text"),
     Column("before", "before", "row"), Column("after", "after", "row"), Column("diff", "diff", "diff_row"),
     Column("ratio", "ratio", "ratio_x"), Column("note", "note", "text"),
+    Column("within_noise", "within noise", "text", False), Column("unit", "unit", "text", False),
 ]
 
 
@@ -95,7 +97,7 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
     cols = [Column(c.key, f"before\n{key}={comparison.before_value}" if c.key == "before" else
                    f"after\n{key}={'|'.join(comparison.after_values)}" if c.key == "after" else c.header, c.kind)
             for c in COMPARE_COLUMNS]
-    cols.insert(-1, Column("noise", "noise", "row"))
+    cols.insert(-3, Column("noise", "noise", "row"))
     notes = ["diff = after - before (memory in MiB, time in s); ratio = after / before; "
              "green: lower memory or time, red: higher; dim: within the measured noise"]
     notes += [f"unpaired: {u}" for u in comparison.unpaired]
