@@ -70,12 +70,13 @@ def completed_job(sweep_dir: Path, optimize: str) -> Path:
 @pytest.fixture(scope="session")
 def damaged_run(outputs, sweep) -> Path:
     """A single run copied from a completed job: server capture deleted, client_0's cut to 1000 bytes
-    (unreadable), client_1's cut to 100 kB (truncated)."""
+    (unreadable), client_1's cut to half its size (truncated)."""
     run = outputs / "runs" / "2030-01-01_00-00-00-000000"
     shutil.copytree(completed_job(sweep, "true"), run, ignore=shutil.ignore_patterns(".hydra"))
     (run / "roles" / "server" / "capture.bin").unlink()
     os.truncate(run / "roles" / "client_0" / "capture.bin", 1000)
-    os.truncate(run / "roles" / "client_1" / "capture.bin", 100_000)
+    client_1 = run / "roles" / "client_1" / "capture.bin"
+    os.truncate(client_1, client_1.stat().st_size // 2)
     return run
 
 

@@ -58,7 +58,8 @@ def check_capture(capture: Path, summary: dict) -> tuple[str, str | None]:
         return "unreadable", f"unreadable capture, {size} bytes ({type(exc).__name__}: {exc})"
     if allocations == 0 or peak == 0:
         return "truncated", f"truncated capture: no allocation records in its {size} bytes"
-    recorded = summary.get("peak_heap_bytes")
+    # memray's own high-water mark: ``tracked_peak_bytes`` when the Tracker started after the imports
+    recorded = summary.get("tracked_peak_bytes", summary.get("peak_heap_bytes"))
     if recorded is not None and int(recorded) != peak:
         return "truncated", (f"truncated capture: its high-water mark is {peak} bytes, summary.json "
                              f"recorded {recorded} bytes")
@@ -77,9 +78,12 @@ class Series:
     error: str | None = None
 
 
-def memory_over_time(capture: Path, max_points: int = 2000) -> Series:
+def memory_over_time(capture: Path, max_points: int = 2000, heap_offset: int = 0,
+                     t0_ms: float | None = None) -> Series:
     """memray's periodic memory snapshots of ``capture`` (thinned to ``max_points``, keeping each
-    bucket's largest heap so the peak survives). A missing or unreadable file gives an empty
+    bucket's largest heap so the peak survives), with ``heap_offset`` bytes added to the heap (the
+    untracked baseline when the Tracker started after the imports) and times in seconds since
+    ``t0_ms`` (epoch ms; default: the first snapshot). A missing or unreadable file gives an empty
     Series whose ``error`` says why."""
     capture = Path(capture)
     if not capture.exists():
@@ -99,6 +103,6 @@ def memory_over_time(capture: Path, max_points: int = 2000) -> Series:
         return Series([], [], [], "no memory snapshots in the capture")
     step = max(1, -(-len(snaps) // max_points))
     picked = [max(snaps[i:i + step], key=lambda s: s.heap) for i in range(0, len(snaps), step)]
-    t0 = snaps[0].time
-    return Series([(s.time - t0) / 1000 for s in picked], [int(s.heap) for s in picked],
+    t0 = snaps[0].time if t0_ms is None else t0_ms
+    return Series([(s.time - t0) / 1000 for s in picked], [int(s.heap) + heap_offset for s in picked],
                   [int(s.rss) for s in picked])

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from flmem.browse.captures import memory_over_time  # noqa: E402
+from flmem.browse.captures import Series, memory_over_time  # noqa: E402
 from flmem.browse.discover import Job  # noqa: E402
 
 MiB = 2**20
@@ -86,6 +86,15 @@ def _panel_roles(jobs: list[Job]) -> list[str]:
     return [n for n in names if not n.startswith("client")] + clients
 
 
+def role_series(role) -> Series:
+    """A role's heap (including any untracked baseline, so it meets the peak heap) and RSS over
+    seconds since memray started tracking it (the jobs' curves line up where their roles' work starts)."""
+    s = role.summary
+    tracked, peak = s.get("tracked_peak_bytes"), s.get("peak_heap_bytes")
+    offset = peak - tracked if tracked is not None and peak is not None else 0
+    return memory_over_time(role.dir / "capture.bin", heap_offset=offset)
+
+
 def memory_over_time_chart(name: str, title: str, sides: list[tuple[str, Job]], out_dir: Path) -> Chart:
     """One column per role: heap (top row, high-water mark dotted) and RSS (bottom row) in MiB over
     seconds since the role's first snapshot, one colour per side (e.g. ``optimize=False`` and
@@ -98,7 +107,7 @@ def memory_over_time_chart(name: str, title: str, sides: list[tuple[str, Job]], 
         heap_ax, rss_ax = axes[0][col], axes[1][col]
         for (label, job), color in zip(sides, (BEFORE, AFTER, "#2ca02c", "#d62728")):
             r = job.roles.get(role)
-            series = memory_over_time(r.dir / "capture.bin") if r else None
+            series = role_series(r) if r else None
             if series is None or series.error:
                 notes.append(f"{role}, {label}: " + (series.error if series else "role did not run"))
                 continue
@@ -111,7 +120,7 @@ def memory_over_time_chart(name: str, title: str, sides: list[tuple[str, Job]], 
         heap_ax.set_title(role)
         heap_ax.set_ylabel("heap (MiB)")
         rss_ax.set_ylabel("RSS (MiB)")
-        rss_ax.set_xlabel("s since the role started")
+        rss_ax.set_xlabel("s since tracking started")
         for ax in (heap_ax, rss_ax):
             ax.grid(alpha=0.3)
             if ax.lines:

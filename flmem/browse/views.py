@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from flmem.browse.compare import Comparison
@@ -94,9 +95,9 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
     if filters:
         rows = apply_filters(rows, list(filters), [])
     key = comparison.key
-    cols = [Column(c.key, f"before\n{key}={comparison.before_value}" if c.key == "before" else
-                   f"after\n{key}={'|'.join(comparison.after_values)}" if c.key == "after" else c.header, c.kind)
-            for c in COMPARE_COLUMNS]
+    headers = {"before": f"before\n{key}={comparison.before_value}",
+               "after": f"after\n{key}={'|'.join(comparison.after_values)}"}
+    cols = [replace(c, header=headers.get(c.key, c.header)) for c in COMPARE_COLUMNS]
     cols.insert(-3, Column("noise", "noise", "row"))
     notes = ["diff = after - before (memory in MiB, time in s); ratio = after / before; "
              "green: lower memory or time, red: higher; dim: within the measured noise"]
