@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from flmem.browse import cli
-from flmem.browse.discover import load_job, load_sweep, parse_overrides
+from flmem.browse.discover import load_job, load_sweep
+from flmem.browse.model import parse_overrides
 from flmem.browse.render import fmt
 
 from browse_fixtures import (REPO, chromium_argv, completed_job, find_chromium,  # noqa: F401 (fixtures)
@@ -77,7 +78,8 @@ def test_sweep_rows_equal_role_summaries(capsys, sweep):
         assert row["clients_peak_heap_mean_bytes"] == pytest.approx(sum(c["peak_heap_bytes"] for c in clients) / 2)
         assert row["clients_peak_rss_max_bytes"] == max(c["peak_rss_bytes"] for c in clients)
         assert row["server_working_in_M"] == pytest.approx(s["server"]["working_heap_in_M"])
-        assert row["server_working_in_M"] == pytest.approx(s["server"]["working_heap_bytes"] / s["server"]["model_bytes"])
+        server = s["server"]
+        assert row["server_working_in_M"] == pytest.approx(server["working_heap_bytes"] / server["model_bytes"])
         assert row["clients_working_in_M_max"] == pytest.approx(max(c["working_heap_in_M"] for c in clients))
         assert row["duration_s"] == pytest.approx(result(job)["duration_s"])
         assert row["final_accuracy"] == result(job)["rounds"][-1]["test_accuracy"]

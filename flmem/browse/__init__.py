@@ -12,6 +12,7 @@ Modules: :mod:`~flmem.browse.discover` (reading runs and sweeps), :mod:`~flmem.b
 sorting, comparison), :mod:`~flmem.browse.render` (rich, csv, json, markdown),
 :mod:`~flmem.browse.charts` and :mod:`~flmem.browse.html` (the report), :mod:`~flmem.browse.cli`.
 """
-from flmem.browse.discover import BrowseError, Job, Sweep, load_job, load_sweep, list_outputs, resolve
+from flmem.browse.discover import load_job, load_sweep, list_outputs, resolve
+from flmem.browse.model import BrowseError, Job, Sweep
 
 __all__ = ["BrowseError", "Job", "Sweep", "load_job", "load_sweep", "list_outputs", "resolve"]

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from flmem.browse.captures import Series, memory_over_time  # noqa: E402
-from flmem.browse.discover import Job  # noqa: E402
+from flmem.browse.model import Job  # noqa: E402
 
 MiB = 2**20
 BEFORE, AFTER = "#1f77b4", "#ff7f0e"
@@ -49,7 +49,7 @@ def job_label(job: Job, keys: list[str]) -> str:
 def peak_memory_chart(jobs: list[Job], keys: list[str], out_dir: Path) -> Chart:
     """Grouped bars per job: server, clients (max) and clients (mean), peak heap and peak RSS in MiB."""
     series = [("server", False, max), ("clients max", True, max), ("clients mean", True, lambda v: sum(v) / len(v))]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(jobs) + 3), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.4 * len(jobs) + 4), 4.6), squeeze=False)
     notes = []
     width = 0.8 / len(series)
     for ax, (metric, label) in zip(axes[0], (("peak_heap_bytes", "peak heap"), ("peak_rss_bytes", "peak RSS"))):
@@ -70,6 +70,7 @@ def peak_memory_chart(jobs: list[Job], keys: list[str], out_dir: Path) -> Chart:
         ax.set_title(f"{label} per job and role")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout()
     fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8, bbox_to_anchor=(0.5, 1.06))
     notes += [f"job {j.name}: {j.status}" + (f" ({j.failure_text})" if j.failure else "")
               for j in jobs if j.status != "completed"]

@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 
 from flmem.browse.compare import compare, default_key
-from flmem.browse.discover import BrowseError, Job, resolve
+from flmem.browse.discover import resolve
+from flmem.browse.model import BrowseError, Job
 from flmem.browse.render import FORMATS, emit, make_console
 from flmem.browse.views import compare_view, listing_view, run_view, short, sweep_view
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from statistics import mean
 
-from flmem.browse.discover import BrowseError, Job, Sweep
+from flmem.browse.model import BrowseError, Job, Sweep
 from flmem.browse.tables import BOOL_ORDER
 
 #: (metric label, summary key, kind) compared for each role

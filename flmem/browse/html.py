@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flmem.browse.charts import Chart, memory_over_time_chart, peak_memory_chart
 from flmem.browse.compare import compare
-from flmem.browse.discover import BrowseError, Job, Sweep
+from flmem.browse.model import BrowseError, Job, Sweep
 from flmem.browse.render import Section, View, cell, people
 from flmem.browse.views import compare_view, run_view, sweep_view
 

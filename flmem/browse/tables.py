@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import mean
 
-from flmem.browse.discover import BrowseError, Job, Sweep
+from flmem.browse.model import BrowseError, Job, Sweep
 
 BOOL_ORDER = {"false": 0, "true": 1}
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from flmem.browse.compare import Comparison
-from flmem.browse.discover import Job, Sweep
+from flmem.browse.model import Job, Sweep
 from flmem.browse.render import View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
 
@@ -59,10 +59,10 @@ def listing_view(items: list[Sweep], root: Path) -> View:
                      "problems": sum(bool(j.problems) for j in s.jobs),
                      "varying": " ".join(f"{k}={_value_list(s, k)}" for k in varying) if s.kind == "sweep"
                      else " ".join(f"{k}={s.jobs[0].overrides[k]}" for k in varying)})
-    cols = [Column(k, h, "text") for k, h in (("kind", "kind"), ("path", "path"), ("when", "when"), ("jobs", "jobs"),
-                                              ("planned", "jobs planned"), ("failed", "failed"), ("running", "running / incomplete"),
-                                              ("problems", "jobs with capture problems"),
-                                              ("varying", "overrides that vary"))]
+    headers = (("kind", "kind"), ("path", "path"), ("when", "when"), ("jobs", "jobs"), ("planned", "jobs planned"),
+               ("failed", "failed"), ("running", "running / incomplete"), ("problems", "jobs with capture problems"),
+               ("varying", "overrides that vary"))
+    cols = [Column(k, h, "text") for k, h in headers]
     notes = [] if items else [f"no sweeps or runs under {root} (looked in {root}/multirun and {root}/runs)"]
     return View(f"sweeps and runs under {short(root)}, newest first", [Section("runs", "", cols, rows)], notes,
                 {"root": str(root)})
@@ -105,7 +105,8 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
     if not comparison.pairs:
         notes.append(f"no pair of jobs differs only in {key}")
     title = f"sweep {short(sweep.dir)}: {key}={comparison.before_value} (before) vs " \
-            f"{key}={'|'.join(comparison.after_values)} (after), {len(comparison.pairs)} pairs"
+            f"{key}={'|'.join(comparison.after_values)} (after), {len(comparison.pairs)} pair" + \
+        ("" if len(comparison.pairs) == 1 else "s")
     meta = {"dir": str(sweep.dir), "key": key, "before_value": comparison.before_value,
             "after_values": comparison.after_values,
             "pairs": [{"group": g, "before_job": a.name, "after_job": b.name} for g, a, b in comparison.pairs],
