@@ -97,6 +97,6 @@ def unfinished_runs(tmp_path, sweep) -> tuple[Path, Path]:
     old = time.time() - 3600
     for path in dead.glob("roles/*/status.json"):
         path.write_text(json.dumps({**json.loads(path.read_text()), "updated": old, "pid": None}))
-    for path in dead.rglob("*"):
+    for path in [dead, *dead.rglob("*")]:
         os.utime(path, (old, old))
     return running, dead

@@ -18,7 +18,7 @@ from flmem.browse.captures import check_capture
 from flmem.browse.model import BrowseError, Job, Role, Sweep, parse_overrides, role_order
 from flmem.status import read_json
 
-#: a job whose roles wrote status.json this recently (seconds) and has no result.json is "running"
+#: a job without result.json is "running" while a role process lives or it wrote a file this recently (s)
 RUNNING_WINDOW_S = 120
 _STAMP = "%Y-%m-%d_%H-%M-%S-%f"
 
@@ -29,6 +29,17 @@ def _alive(pid) -> bool:
     except (OSError, TypeError, ValueError):
         return False
     return True
+
+
+def _last_activity(job_dir: Path, roles) -> float:
+    """The latest write (epoch s) to the job directory, its role files, or a role's status.json."""
+    stamps = [job_dir.stat().st_mtime] + [r.status.get("updated") or 0 for r in roles]
+    for role in roles:
+        try:
+            stamps += [p.stat().st_mtime for p in role.dir.iterdir()]
+        except OSError:
+            continue
+    return max(stamps)
 
 
 def _load_role(name: str, role_dir: Path, result_summary: dict | None, finished: bool) -> Role:
@@ -69,10 +80,8 @@ def load_job(job_dir: Path, name: str | None = None) -> Job:
         from flmem.status import read_metrics
 
         rounds = read_metrics(roles_dir / "server")
-        recent = [r.status.get("updated", 0) for r in roles.values()]
         live = any(_alive(r.status.get("pid")) for r in roles.values() if r.status.get("phase") != "done")
-        if live or (recent and time.time() - max(recent) < RUNNING_WINDOW_S) or \
-                (not recent and time.time() - job_dir.stat().st_mtime < RUNNING_WINDOW_S):
+        if live or time.time() - _last_activity(job_dir, roles.values()) < RUNNING_WINDOW_S:
             status = "running"
         else:
             status = "incomplete"
