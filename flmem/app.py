@@ -22,4 +22,4 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
         FAILED_JOBS.append(result)
         return None
     rounds = result.get("rounds") or []
-    return rounds[-1]["test_accuracy"] if rounds else None
+    return rounds[-1].get("test_accuracy") if rounds else None

@@ -11,7 +11,8 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
     """Take part in ``rounds`` synchronous FedAvg rounds, then fetch the final global model.
 
     Args:
-        connection: a :class:`~flmem.transport.ServerConnection` (anything with ``fetch``/``push``).
+        connection: a :class:`~flmem.transport.ServerConnection` (anything with ``fetch``/``push``), or
+            None for ``client.mode=local_only``: the same loop with no communication at all.
         trainer: trains ``trainer.model`` in place; the global model is received into it.
         codec: how models are received and encoded.
     Returns:
@@ -24,18 +25,20 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
     history = []
     for r in range(rounds + 1):
         t0 = time.time()
-        header, finished, chunks = connection.fetch(r, rank)
-        codec.receive_into(header, chunks, state)
+        if connection is not None:
+            header, finished, chunks = connection.fetch(r, rank)
+            codec.receive_into(header, chunks, state)
+            if finished and r < rounds:
+                raise RuntimeError(f"the server finished after {r} rounds, but this client expects rounds={rounds}")
         if r == rounds:
             break
-        if finished:
-            raise RuntimeError(f"the server finished after {r} rounds, but this client expects rounds={rounds}")
         t1 = time.time()
         record = {"round": r, **trainer.train_round(r)}
         t2 = time.time()
-        header, chunks = codec.encode(state)
-        connection.push(r, rank, trainer.num_samples, header, chunks)
-        del header, chunks
+        if connection is not None:
+            header, chunks = codec.encode(state)
+            connection.push(r, rank, trainer.num_samples, header, chunks)
+            del header, chunks
         record.update(fetch_s=t1 - t0, train_s=t2 - t1, push_s=time.time() - t2)
         history.append(record)
         if status:

@@ -38,14 +38,24 @@ def _rules(cfg: DictConfig):
         yield isinstance(value, bool), f"optimization.{key}={value}: must be true or false"
     yield isinstance(cfg.optimize, bool), f"optimize={cfg.optimize}: must be true or false"
 
+    yield (cfg.client.mode in ("train", "local_only", "comm_only"),
+           f"client.mode={cfg.client.mode}: must be train, local_only or comm_only")
+    yield isinstance(cfg.client.perturbation, (int, float)), f"client.perturbation={cfg.client.perturbation}: a number"
+    if cfg.client.mode == "local_only":
+        yield cfg.role.name in ("local", "client"), f"role={cfg.role.name}: client.mode=local_only runs no server"
+
     ds = cfg.dataset
+    language_model = str(cfg.model.get("_target_", "")).endswith("DecoderLM")
+    yield (language_model == (ds.name == "tokens"),
+           f"dataset={ds.name} with model {cfg.model.get('_target_')}: model=transformer needs dataset=tokens "
+           "and dataset=tokens needs model=transformer; image datasets take model=cnn or model=resnet18")
     yield ds.partition in ("iid", "dirichlet"), f"dataset.partition={ds.partition}: must be iid or dirichlet"
     yield positive("dataset.alpha", ds.alpha)
     if ds.samples_per_client is not None:
         yield at_least("dataset.samples_per_client", ds.samples_per_client, 1)
     if ds.test_samples is not None:
         yield at_least("dataset.test_samples", ds.test_samples, 1)
-    if ds.name != "synthetic":
+    if ds.name not in ("synthetic", "tokens"):  # generated data needs no files
         yield bool(ds.root), f"dataset.root={ds.root}: dataset={ds.name} needs the folder that holds its files"
 
     tr = cfg.transport

@@ -3,6 +3,7 @@
 Images are held as ``uint8`` tensors ``[N, C, H, W]`` with ``int64`` labels ``[N]`` and
 normalized per sample when read. Sources:
 
+* ``tokens``: synthetic token sequences for the decoder-only language model.
 * ``synthetic``: CIFAR-shaped (3x32x32, 10 classes) images made from a seed: a smooth
   per-class pattern plus noise, so a model can learn it. No files, no download.
 * ``cifar``: CIFAR-10 in torchvision's layout, ``ROOT/cifar-10-batches-py``.
@@ -37,26 +38,27 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 @dataclass
-class ImageData:
-    images: torch.Tensor  # uint8 [N, C, H, W]
-    labels: torch.Tensor  # int64 [N]
+class SplitData:
+    images: torch.Tensor  # uint8 images [N, C, H, W], or int64 token ids [N, T]
+    labels: torch.Tensor  # int64 [N] classes, or int64 [N, T] next tokens
 
 
-class ImageTensorDataset(torch.utils.data.Dataset):
-    """``uint8`` images scaled to [-1, 1] as ``float32`` when read."""
+class SplitDataset(torch.utils.data.Dataset):
+    """``(input, label)`` pairs: ``uint8`` images scaled to [-1, 1] as ``float32``, token ids as they are."""
 
-    def __init__(self, data: ImageData):
+    def __init__(self, data: SplitData):
         self.data = data
 
     def __len__(self) -> int:
         return len(self.data.labels)
 
     def __getitem__(self, i):
-        return self.data.images[i].float().div_(127.5).sub_(1.0), self.data.labels[i]
+        x = self.data.images[i]
+        return (x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x), self.data.labels[i]
 
 
 # ------------------------------------------------------------------ sources
-def _synthetic(cfg, train: bool, block: int = 256) -> ImageData:
+def _synthetic(cfg, train: bool, block: int = 256) -> SplitData:
     n = cfg.train_size if train else cfg.test_size
     gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
     proto_gen = torch.Generator().manual_seed(int(cfg.seed))  # same class patterns in both splits
@@ -69,7 +71,21 @@ def _synthetic(cfg, train: bool, block: int = 256) -> ImageData:
         stop = min(n, start + block)
         noise = torch.rand(stop - start, c, s, s, generator=gen)
         images[start:stop] = (0.25 * patterns[labels[start:stop]] + 0.75 * noise).mul_(255).round_().to(torch.uint8)
-    return ImageData(images, labels)
+    return SplitData(images, labels)
+
+
+def _tokens(cfg, train: bool) -> SplitData:
+    """Synthetic language-model data: each sequence mostly follows t -> (5t + 3) mod V, with 10% random tokens."""
+    n = cfg.train_size if train else cfg.test_size
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
+    v, t = int(cfg.vocab_size), int(cfg.seq_len)
+    seq = torch.empty(n, t + 1, dtype=torch.int64)
+    seq[:, 0] = torch.randint(0, v, (n,), generator=gen)
+    noise = torch.rand(n, t, generator=gen) < 0.1
+    random_tokens = torch.randint(0, v, (n, t), generator=gen)
+    for i in range(t):
+        seq[:, i + 1] = torch.where(noise[:, i], random_tokens[:, i], (5 * seq[:, i] + 3) % v)
+    return SplitData(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
 
 
 class _CIFAR10(torchvision.datasets.CIFAR10):
@@ -84,7 +100,7 @@ class _CIFAR10(torchvision.datasets.CIFAR10):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-def _cifar(cfg, train: bool) -> ImageData:
+def _cifar(cfg, train: bool) -> SplitData:
     root = Path(cfg.root).expanduser()
     folder = root / "cifar-10-batches-py"
     missing = [f for f in CIFAR_FILES[True] + CIFAR_FILES[False] if not (folder / f).is_file()]
@@ -98,7 +114,7 @@ def _cifar(cfg, train: bool) -> ImageData:
             f"or point dataset.root at the folder that holds cifar-10-batches-py.")
     ds = _CIFAR10(str(root), train=train, download=False)
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    return ImageData(images, torch.tensor(ds.targets, dtype=torch.int64))
+    return SplitData(images, torch.tensor(ds.targets, dtype=torch.int64))
 
 
 def idx_folders(cfg) -> list[Path]:
@@ -129,7 +145,7 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
         return reader(str(plain))
 
 
-def _idx(cfg, train: bool) -> ImageData:
+def _idx(cfg, train: bool) -> SplitData:
     folders = idx_folders(cfg)
     stems = IDX_FILES[True] + IDX_FILES[False]
     if any(_find_idx(folders, s) is None for s in stems) and cfg.download:
@@ -146,7 +162,7 @@ def _idx(cfg, train: bool) -> ImageData:
             f"folder that holds {folders[0].parent.name}/raw.")
     image_stem, label_stem = IDX_FILES[train]
     images = _read_idx(found[image_stem], read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
-    return ImageData(images.contiguous(), _read_idx(found[label_stem], read_label_file).to(torch.int64))
+    return SplitData(images.contiguous(), _read_idx(found[label_stem], read_label_file).to(torch.int64))
 
 
 def _download(fetch, folder: Path) -> None:
@@ -158,10 +174,10 @@ def _download(fetch, folder: Path) -> None:
             f"there yourself and keep dataset.download=false") from exc
 
 
-SOURCES = {"synthetic": _synthetic, "cifar": _cifar, "mnist": _idx, "fashion_mnist": _idx}
+SOURCES = {"synthetic": _synthetic, "cifar": _cifar, "mnist": _idx, "fashion_mnist": _idx, "tokens": _tokens}
 
 
-def load_split(cfg, train: bool) -> ImageData:
+def load_split(cfg, train: bool) -> SplitData:
     """The whole train or test split of ``cfg.name``.
 
     Raises:
@@ -169,6 +185,8 @@ def load_split(cfg, train: bool) -> ImageData:
         ValueError: the files' image shape differs from ``dataset.channels``/``dataset.image_size``.
     """
     data = SOURCES[cfg.name](cfg, train)
+    if cfg.name == "tokens":
+        return data
     _, c, h, w = data.images.shape
     if (c, h, w) != (cfg.channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"dataset={cfg.name}: images are {c}x{h}x{w}, but dataset.channels={cfg.channels} and "
@@ -209,7 +227,8 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, s
 
 
 def client_indices(cfg, labels: torch.Tensor, rank: int, num_clients: int) -> np.ndarray:
-    parts = partition(labels.numpy(), num_clients, cfg.partition, cfg.alpha, int(cfg.seed))
+    classes = labels if labels.dim() == 1 else labels[:, 0]  # token data: the first target stands for the class
+    parts = partition(classes.numpy(), num_clients, cfg.partition, cfg.alpha, int(cfg.seed))
     mine = parts[rank]
     if cfg.samples_per_client is not None:
         mine = mine[: int(cfg.samples_per_client)]
@@ -228,12 +247,12 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     full = load_split(cfg, train=True)
     idx = client_indices(cfg, full.labels, rank, num_clients)
     if not release:
-        return torch.utils.data.Subset(ImageTensorDataset(full), idx.tolist())
+        return torch.utils.data.Subset(SplitDataset(full), idx.tolist())
     index = torch.from_numpy(idx)
     # Removes the whole training split: only this client's images stay in memory.
-    own = ImageData(full.images[index].clone(), full.labels[index].clone())
+    own = SplitData(full.images[index].clone(), full.labels[index].clone())
     del full
-    return ImageTensorDataset(own)
+    return SplitDataset(own)
 
 
 def test_dataset(cfg) -> torch.utils.data.Dataset:
@@ -241,5 +260,5 @@ def test_dataset(cfg) -> torch.utils.data.Dataset:
     data = load_split(cfg, train=False)
     if cfg.test_samples is not None:
         n = int(cfg.test_samples)
-        data = ImageData(data.images[:n].clone(), data.labels[:n].clone())
-    return ImageTensorDataset(data)
+        data = SplitData(data.images[:n].clone(), data.labels[:n].clone())
+    return SplitDataset(data)

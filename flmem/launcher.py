@@ -131,7 +131,7 @@ class Job:
         roles_dir = self.dir / "roles"
         server = None
         host = "127.0.0.1" if self.cfg.server.host in ("0.0.0.0", "::", "[::]") else self.cfg.server.host
-        if kind in ("local", "server"):
+        if kind == "server" or (kind == "local" and self.cfg.client.mode != "local_only"):
             server = Role("server", _worker_argv(config, "server", roles_dir / "server"), roles_dir / "server")
             self.roles.append(server)
             server.start()
@@ -141,6 +141,8 @@ class Job:
             out = roles_dir / f"client_{rank}"
             if server:
                 argv = _worker_argv(config, "client", out, rank, f"{host}:0", server.dir / "ready.json")
+            elif self.cfg.client.mode == "local_only":
+                argv = _worker_argv(config, "client", out, rank)
             else:
                 argv = _worker_argv(config, "client", out, rank, self.cfg.server.address)
             role = Role(f"client_{rank}", argv, out)

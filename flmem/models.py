@@ -1,7 +1,8 @@
 """Models, each built from a config group file (``conf/model/*.yaml``) by ``hydra.utils.instantiate``.
 
-Every constructor takes the dataset's ``in_channels``, ``num_classes`` and ``image_size`` so one
-model config fits every dataset (the config interpolates them from ``dataset``).
+The image models take the dataset's ``in_channels``, ``num_classes`` and ``image_size`` so one
+model config fits every image dataset (the config interpolates them from ``dataset``); the
+language model takes ``vocab_size`` and ``seq_len`` from ``dataset=tokens``.
 """
 from __future__ import annotations
 
@@ -43,3 +44,31 @@ def resnet18(in_channels: int = 3, num_classes: int = 10, image_size: int = 32) 
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only transformer language model (GPT-style, pre-norm, causal self-attention).
+
+    Size knobs: ``d_model``, ``n_layers``, ``n_heads``, ``d_ff`` (default 4 * d_model), ``vocab_size``.
+    Parameters: about 12 * n_layers * d_model**2 + 2 * vocab_size * d_model + seq_len * d_model
+    (e.g. d_model=2048, n_layers=13, vocab 8192: 688 M parameters, 2.56 GiB in float32).
+    Input token ids ``[B, T]`` with T <= seq_len; output logits ``[B, T, vocab_size]``.
+    """
+
+    def __init__(self, vocab_size: int = 8192, seq_len: int = 64, d_model: int = 256, n_layers: int = 4,
+                 n_heads: int = 4, d_ff: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ff or 4 * d_model, dropout, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        h = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device))
+        h = self.blocks(h, mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.norm(h))

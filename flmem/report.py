@@ -70,11 +70,12 @@ def result_table(result: dict) -> Table:
 def print_result(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     rounds = result.get("rounds") or []
-    if rounds:
+    if rounds and "test_accuracy" in rounds[-1]:
         last = rounds[-1]
         console.print(f"global model after {len(rounds)} rounds: test accuracy {last['test_accuracy']:.3f}, "
                       f"test loss {last['test_loss']:.4f}")
-    console.print(result_table(result))
+    if result.get("roles"):
+        console.print(result_table(result))
     for name, s in result.get("roles", {}).items():
         where = s.get("flamegraph") or f"no flamegraph: {s.get('capture_error') or s.get('flamegraph_error')}"
         console.print(f"  {name}: {where}", soft_wrap=True)

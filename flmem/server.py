@@ -32,7 +32,7 @@ class FedAvgServer:
 
     Args:
         model: the global model (its initial weights are round 0's global model).
-        test_data: dataset to evaluate the global model on after each round.
+        test_data: dataset to evaluate the global model on after each round (None: no evaluation).
         num_clients, rounds: N and R.
         codec: how models are encoded and received.
         streaming: fold updates as they arrive (optimized) instead of keeping N models.
@@ -58,6 +58,9 @@ class FedAvgServer:
         self.errors: list[BaseException] = []
         self.cond = threading.Condition()
         self.history: list[dict] = []
+        self.transfers: list[dict] = []  # per model stream: direction, rank, bytes, seconds (encode + send/receive)
+        self._serving: dict[tuple[int, int], tuple[float, int]] = {}
+        self._fold_slot = threading.Semaphore(1)
 
     # ---------------------------------------------------------------- called by gRPC handlers
     def global_model(self, round_idx: int, rank: int):
@@ -72,12 +75,18 @@ class FedAvgServer:
             if self.published != round_idx:
                 raise ValueError(f"client {rank} asked for round {round_idx}, but the server is at round "
                                  f"{self.published}")
+        started = time.time()
         header, chunks = self.codec.encode(self.state)
+        self._serving[(round_idx, rank)] = (started, header["total_bytes"])
         return header, round_idx == self.rounds, chunks
 
     def fetch_done(self, round_idx: int, rank: int) -> None:
-        if round_idx == self.rounds:
-            with self.cond:
+        """Called when the round-``round_idx`` global model has been streamed to client ``rank``."""
+        started, nbytes = self._serving.pop((round_idx, rank), (time.time(), 0))
+        with self.cond:
+            self.transfers.append({"direction": "global", "rank": rank, "bytes": nbytes,
+                                   "seconds": time.time() - started})
+            if round_idx == self.rounds:
                 self.final_fetched.add(rank)
                 self.cond.notify_all()
 
@@ -97,13 +106,19 @@ class FedAvgServer:
         if num_samples <= 0:
             raise ValueError(f"client {rank} reported {num_samples} training samples")
         weight = float(num_samples) if self.weighted else 1.0
+        started = time.time()
         if self.streaming:
-            self.codec.fold(header, chunks, self.aggregator, weight)
+            # One update streams in at a time: the others wait in gRPC's flow-control window (about a
+            # chunk each), so the server never holds N clients' in-flight data at once.
+            with self._fold_slot:
+                self.codec.fold(header, chunks, self.aggregator, weight)
         else:
             update = self.codec.receive(header, chunks)
             with self.cond:
                 self.updates[rank] = (update, weight)
         with self.cond:
+            self.transfers.append({"direction": "update", "rank": rank, "bytes": header["total_bytes"],
+                                   "seconds": time.time() - started})
             self.received.add(rank)
             self.cond.notify_all()
             return len(self.received)
@@ -150,13 +165,17 @@ class FedAvgServer:
                 del ordered
                 if self.codec.release:
                     gc.collect()
-            record = {"round": r, "aggregate_s": time.time() - agg_start, **{
-                f"test_{k}": v for k, v in evaluate(self.model, self.test_data, self.eval_batch_size).items()}}
+            record = {"round": r, "aggregate_s": time.time() - agg_start}
+            if self.test_data is not None:
+                scores = evaluate(self.model, self.test_data, self.eval_batch_size)
+                record.update({f"test_{k}": v for k, v in scores.items()})
             record["round_s"] = time.time() - started
+            with self.cond:
+                record["transfers"], self.transfers = self.transfers, []
             self.history.append(record)
             if self.status:
                 self.status.metric(record)
-                self.status.update(phase="training", rounds_done=r + 1, test_accuracy=record["test_accuracy"])
+                self.status.update(phase="training", rounds_done=r + 1, test_accuracy=record.get("test_accuracy"))
             self._publish(r + 1)
         self._wait(lambda: len(self.final_fetched) == self.num_clients,
                    f"only {len(self.final_fetched)} of {self.num_clients} clients fetched the final model")

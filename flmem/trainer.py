@@ -27,6 +27,30 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer={name!r}: use sgd or adam")
 
 
+class Perturber:
+    """Communication-only client: each round adds seeded Gaussian noise (std ``scale``) to the parameters
+    in place, block by block, without gradient steps. This profiles transport and aggregation at model
+    sizes whose training would not fit the machine, as LLM-scale FL profiling does.
+    """
+
+    def __init__(self, model: nn.Module, num_samples: int, *, seed: int, rank: int, scale: float = 1e-3,
+                 block: int = 1 << 20):
+        self.model, self.num_samples = model, num_samples
+        self.seed, self.rank, self.scale, self.block = seed, rank, scale, block
+
+    @torch.no_grad()
+    def train_round(self, round_idx: int) -> dict:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 1009 + round_idx)
+        for p in self.model.parameters():
+            if not p.dtype.is_floating_point:
+                continue
+            flat = p.view(-1)
+            for start in range(0, flat.numel(), self.block):  # noise one block at a time, never a model's worth
+                piece = flat[start:start + self.block]
+                piece.add_(torch.randn(piece.shape, generator=gen, dtype=p.dtype), alpha=self.scale)
+        return {"loss": 0.0, "update_norm": None, "steps": 0, "samples": self.num_samples}
+
+
 class Trainer:
     """Runs ``local_steps`` minibatch steps per round on one client's data.
 
@@ -75,7 +99,7 @@ class Trainer:
         for _ in range(self.local_steps):
             x, y = next(batches)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss = nn.functional.cross_entropy(self.model(x).flatten(0, -2), y.flatten())
             loss.backward()
             self.optimizer.step()
             losses.append(loss.item())
@@ -100,12 +124,15 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int = 256) -> dict:
-    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) of ``model`` on ``dataset``."""
+    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) of ``model`` on ``dataset``.
+
+    ``samples`` counts predictions: images, or tokens for a language model.
+    """
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        logits = model(x)
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
+        logits = model(x)  # [B, classes] for images, [B, T, vocab] for tokens
+        loss += float(nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        n += y.numel()
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "samples": n}

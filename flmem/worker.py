@@ -77,7 +77,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem.serde import model_bytes
     from flmem.server import FedAvgServer
     from flmem.status import StatusWriter, write_json
-    from flmem.trainer import Trainer
+    from flmem.trainer import Perturber, Trainer
     from flmem.transport import ServerConnection, serve
 
     torch.set_num_threads(int(cfg.threads_per_role))
@@ -89,39 +89,48 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     model = hydra.utils.instantiate(cfg.model)
     markers["model_bytes"] = model_bytes(model.state_dict())
     if role == "server":
-        fl = FedAvgServer(model, data.test_dataset(cfg.dataset), num_clients=int(cfg.num_clients),
+        test_data = data.test_dataset(cfg.dataset) if cfg.evaluate else None
+        fl = FedAvgServer(model, test_data, num_clients=int(cfg.num_clients),
                           rounds=int(cfg.rounds), codec=codec, streaming=opt.aggregation,
                           weighted=cfg.fedavg.weighted, round_timeout_s=float(cfg.timeouts.round_s),
                           eval_batch_size=int(cfg.batch_size), status=status)
         grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port), int(cfg.transport.max_message_bytes),
-                                  max_workers=int(cfg.num_clients) + 4)
+                                  max_workers=int(cfg.num_clients) + 4, lean=opt.transport)
         write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
         print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
         status.update(phase="waiting for clients", port=port)
         try:
             history = fl.run()
-            torch.save(model.state_dict(), out / "global_model.pt")
+            if cfg.save_global_model:
+                torch.save(model.state_dict(), out / "global_model.pt")
         except BaseException as exc:
             fl.record_error(exc)  # wake handler threads so clients hear the reason
             raise
         finally:
             grpc_server.stop(grace=2).wait()
     else:
-        dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
-        trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
-                          optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
-                          optimized=opt.trainer, release=opt.release)
-        if address_file:
-            cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
-                                               float(cfg.timeouts.server_ready_s))
-        connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
-                                      float(cfg.timeouts.rpc_s))
-        connection.wait_ready(float(cfg.timeouts.server_ready_s))
+        if cfg.client.mode == "comm_only":  # no data, no gradients: weights perturbed in place
+            trainer = Perturber(model, int(cfg.dataset.samples_per_client or 1), seed=int(cfg.seed), rank=rank,
+                                scale=float(cfg.client.perturbation))
+        else:
+            dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
+            trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
+                              optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
+                              optimized=opt.trainer, release=opt.release)
+        connection = None
+        if cfg.client.mode != "local_only":
+            if address_file:
+                cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
+                                                   float(cfg.timeouts.server_ready_s))
+            connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
+                                          float(cfg.timeouts.rpc_s), lean=opt.transport)
+            connection.wait_ready(float(cfg.timeouts.server_ready_s))
         status.update(phase="training")
         try:
             history = run_client(connection, trainer, codec, rank=rank, rounds=int(cfg.rounds), status=status)
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
     status.update(phase="done")
     return history
 

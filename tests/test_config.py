@@ -8,7 +8,8 @@ from hydra.utils import instantiate
 from flmem.config import ConfigError, validate
 from tests.conftest import CONF
 
-GROUPS = {"dataset": ["synthetic", "cifar", "mnist", "fashion_mnist"], "model": ["cnn", "resnet18"],
+GROUPS = {"dataset": ["synthetic", "cifar", "mnist", "fashion_mnist", "tokens"],
+          "model": ["cnn", "resnet18", "transformer"],
           "role": ["local", "server", "client"], "optimization": ["paths"]}
 
 
@@ -22,9 +23,9 @@ def test_every_group_option_is_on_disk():
         assert sorted(p.stem for p in (CONF / group).glob("*.yaml")) == sorted(options)
 
 
-@pytest.mark.parametrize("dataset", GROUPS["dataset"])
-@pytest.mark.parametrize("model", GROUPS["model"])
-def test_dataset_and_model_compose_and_fit(dataset, model):
+@pytest.mark.parametrize("dataset", ["synthetic", "cifar", "mnist", "fashion_mnist"])
+@pytest.mark.parametrize("model", ["cnn", "resnet18"])
+def test_image_dataset_and_model_compose_and_fit(dataset, model):
     cfg = compose_cfg(f"dataset={dataset}", f"model={model}")
     validate(cfg)
     net = instantiate(cfg.model)
@@ -32,6 +33,20 @@ def test_dataset_and_model_compose_and_fit(dataset, model):
     logits = net.eval()(torch.zeros(2, ds.channels, ds.image_size, ds.image_size))
     assert logits.shape == (2, ds.num_classes)
     assert net.state_dict()[next(iter(net.state_dict()))].shape[1] == ds.channels  # first conv takes the channels
+
+
+def test_language_model_composes_with_token_data():
+    cfg = compose_cfg("dataset=tokens", "model=transformer", "model.d_model=64", "model.n_layers=2")
+    validate(cfg)
+    net = instantiate(cfg.model)
+    logits = net(torch.zeros(2, cfg.dataset.seq_len, dtype=torch.int64))
+    assert logits.shape == (2, cfg.dataset.seq_len, cfg.dataset.vocab_size)
+
+
+@pytest.mark.parametrize("dataset, model", [("tokens", "cnn"), ("cifar", "transformer")])
+def test_model_that_does_not_fit_the_data_is_refused(dataset, model):
+    with pytest.raises(ConfigError, match="model=transformer needs dataset=tokens"):
+        validate(compose_cfg(f"dataset={dataset}", f"model={model}"))
 
 
 @pytest.mark.parametrize("role", GROUPS["role"])
@@ -75,6 +90,7 @@ def test_unknown_key_is_refused():
     ("dataset.partition=shards", "dataset.partition=shards: must be iid or dirichlet"),
     ("profiling.capture_format=json", "profiling.capture_format=json"),
     ("rounds=three", "rounds=three: must be an integer >= 1"),
+    ("client.mode=fast", "client.mode=fast: must be train, local_only or comm_only"),
 ])
 def test_bad_values_name_the_key_and_the_rule(override, expected):
     with pytest.raises(ConfigError) as err:

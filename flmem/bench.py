@@ -1,0 +1,203 @@
+"""The benchmark: run experiment sweeps (``conf/experiment/*.yaml``) and write BENCHMARKS.md from what they measured.
+
+    python -m flmem.bench                                   # every default experiment, then BENCHMARKS.md
+    python -m flmem.bench --experiments resnet_scaling --repeats 3
+    python -m flmem.bench --tables-only                     # rebuild BENCHMARKS.md from runs on disk
+
+Each experiment is a Hydra sweep (``launch.py -m +experiment=NAME repeat=0,..``) into
+``--root/NAME``. Rows group the jobs that differ only in ``repeat``; every number is the median
+over those repetitions. Units: MiB (2**20 bytes), M (the model's bytes), seconds, MiB/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import memray
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead", "large_model", "profiling_overhead"]
+MiB = 2**20
+
+
+def run_experiment(name: str, repeats: int, root: Path, extra: list[str]) -> Path:
+    """Run one experiment's sweep; returns its sweep directory. Failed jobs are kept and reported."""
+    sweep = root / name
+    if sweep.exists():
+        raise SystemExit(f"{sweep} exists; pick another --root (runs are never overwritten)")
+    reps = ",".join(str(r) for r in range(repeats))
+    cmd = [sys.executable, str(REPO / "launch.py"), "-m", f"+experiment={name}", f"repeat={reps}",
+           f"hydra.sweep.dir={sweep}", *extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=False)
+    return sweep
+
+
+def load_jobs(sweep: Path) -> list[dict]:
+    jobs = []
+    for path in sorted(sweep.glob("*/result.json")):
+        res = json.loads(path.read_text())
+        res["params"] = dict(o.split("=", 1) for o in res.get("overrides", []) if "=" in o)
+        jobs.append(res)
+    return jobs
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _clients(res: dict) -> list[dict]:
+    return [s for name, s in res.get("roles", {}).items() if name.startswith("client")]
+
+
+def job_numbers(res: dict) -> dict:
+    """The per-job numbers a benchmark row needs (bytes, seconds; None where not measured)."""
+    server = res.get("roles", {}).get("server", {})
+    clients = _clients(res)
+    rounds = res.get("rounds") or []
+    transfers = [t for r in rounds for t in r.get("transfers", []) if t["seconds"] > 0]
+    return {
+        "M": res.get("model_bytes"),
+        "server_peak": server.get("peak_heap_bytes"), "server_base": server.get("baseline_heap_bytes"),
+        "server_work": server.get("working_heap_bytes"), "server_rss": server.get("peak_rss_bytes"),
+        "client_peak": max((c.get("peak_heap_bytes") or 0 for c in clients), default=None) or None,
+        "client_base": max((c.get("baseline_heap_bytes") or 0 for c in clients), default=None) or None,
+        "client_work": max((c.get("working_heap_bytes") or 0 for c in clients), default=None) or None,
+        "client_rss": max((c.get("peak_rss_bytes") or 0 for c in clients), default=None) or None,
+        "round_s": _median([r.get("round_s") for r in rounds]),
+        "mib_s": _median([t["bytes"] / MiB / t["seconds"] for t in transfers]),
+        "wall_s": max((s.get("duration_s") or 0 for s in res.get("roles", {}).values()), default=None),
+    }
+
+
+def group(jobs: list[dict]) -> dict[tuple, list[dict]]:
+    """Jobs keyed by their overrides other than ``repeat`` and ``+experiment``."""
+    groups = defaultdict(list)
+    for res in jobs:
+        key = tuple(sorted((k, v) for k, v in res["params"].items() if k not in ("repeat", "+experiment")))
+        groups[key].append(res)
+    return groups
+
+
+def _fmt(value, unit: str = "MiB", model=None) -> str:
+    if value is None:
+        return "-"
+    if unit == "MiB":
+        return f"{value / MiB:,.1f}"
+    if unit == "M":
+        return f"{value / model:.2f}" if model else "-"
+    return f"{value:,.2f}"
+
+
+COLUMNS = ["server peak MiB", "server base MiB", "server working MiB", "server working M", "server RSS MiB",
+           "client peak MiB", "client working MiB", "client working M", "client RSS MiB", "round s", "MiB/s"]
+
+
+def experiment_table(jobs: list[dict]) -> tuple[list[str], list[list[str]], dict]:
+    """Header, rows (medians over repeats) and the medians themselves, keyed like :func:`group`."""
+    groups = group(jobs)
+    keys = sorted({k for key in groups for k, _ in key})
+    header = [*keys, "runs", "failed", *COLUMNS]
+    rows, medians = [], {}
+    for key in sorted(groups, key=lambda k: [(a, _num(b)) for a, b in k]):
+        done = [j for j in groups[key] if j["status"] == "completed"]
+        nums = [job_numbers(j) for j in done]
+        med = {f: _median([n[f] for n in nums]) for f in (nums[0] if nums else {})}
+        medians[key] = med
+        m = med.get("M")
+        values = dict(key)
+        failed = [j for j in groups[key] if j["status"] != "completed"]
+        reason = "; ".join(f"{j['failure']['role']}: {j['failure']['reason']}"[:160] for j in failed)
+        rows.append([values.get(k, "") for k in keys] + [str(len(groups[key])), reason or "0"] + [
+            _fmt(med.get("server_peak")), _fmt(med.get("server_base")), _fmt(med.get("server_work")),
+            _fmt(med.get("server_work"), "M", m), _fmt(med.get("server_rss")), _fmt(med.get("client_peak")),
+            _fmt(med.get("client_work")), _fmt(med.get("client_work"), "M", m), _fmt(med.get("client_rss")),
+            _fmt(med.get("round_s"), ""), _fmt(med.get("mib_s"), "")])
+    return header, rows, medians
+
+
+def _num(text):
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    mem = next((int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")), 0) if Path("/proc/meminfo").exists() else 0
+    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem / 2**30:.1f} GiB RAM; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, memray {memray.__version__}")
+
+
+def write_report(root: Path, experiments: list[str], out: Path, command: str) -> str:
+    """Write the markdown report of every experiment sweep under ``root``; returns its text."""
+    from flmem.benchnotes import findings  # derived comparisons (targets), kept apart from the tables
+
+    parts = ["# flmem benchmarks", "",
+             f"Machine: {machine()}.", "", f"Command: `{command}`", "",
+             "Every number below was measured by the runs under "
+             f"`{root}`; each row is the median over its repetitions. MiB = 2^20 bytes; M = the model's "
+             "bytes (sum of numel * element_size over the state dict); working = peak heap - baseline heap "
+             "(the heap after imports, before any model or data); client columns are the largest client; "
+             "round s = the server's median round wall time; MiB/s = median model-stream rate "
+             "(encode + transfer + decode or fold) seen by the server.", ""]
+    for name in experiments:
+        jobs = load_jobs(root / name)
+        if not jobs:
+            parts += [f"## {name}", "", "No job results found.", ""]
+            continue
+        header, rows, medians = experiment_table(jobs)
+        parts += [f"## {name}", "", markdown(header, rows), ""]
+        parts += findings(name, medians)
+    text = "\n".join(parts) + "\n"
+    out.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flmem.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", default=",".join(DEFAULT_EXPERIMENTS),
+                        help="comma-separated names of conf/experiment/*.yaml")
+    parser.add_argument("--repeats", type=int, default=1, help="repetitions of every job (medians are quoted)")
+    parser.add_argument("--root", type=Path, default=Path("outputs/bench"), help="where the sweeps go")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--tables-only", action="store_true", help="only rebuild the report from --root")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    args = parser.parse_args(argv)
+    experiments = [e for e in args.experiments.split(",") if e]
+    known = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    unknown = [e for e in experiments if e not in known]
+    if unknown:
+        parser.error(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats}: must be at least 1")
+    if not args.tables_only:
+        for name in experiments:
+            run_experiment(name, args.repeats, args.root, args.overrides)
+    command = "python -m flmem.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(args.root, experiments, args.out, command.strip())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

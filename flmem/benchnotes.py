@@ -1,0 +1,104 @@
+"""Comparisons derived from an experiment's medians, written under its table in BENCHMARKS.md.
+
+Each function takes ``medians`` as built by :func:`flmem.bench.experiment_table` (a dict keyed by
+sorted ``(override, value)`` tuples) and returns markdown lines. Only measured numbers are used;
+where a number is missing the line says so.
+"""
+from __future__ import annotations
+
+MiB = 2**20
+
+
+def _pick(medians: dict, **want) -> dict | None:
+    for key, med in medians.items():
+        params = dict(key)
+        if all(str(params.get(k, "")).lower() == str(v).lower() for k, v in want.items()):
+            return med
+    return None
+
+
+def _in_m(med: dict | None, field: str) -> float | None:
+    if not med or med.get(field) is None or not med.get("M"):
+        return None
+    return med[field] / med["M"]
+
+
+def _f(value, fmt="{:.2f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _reduction(before, after) -> float | None:
+    return None if before in (None, 0) or after is None else 1 - after / before
+
+
+def resnet_scaling(medians: dict) -> list[str]:
+    ns = sorted({int(dict(k)["num_clients"]) for k in medians if "num_clients" in dict(k)})
+    lines = ["Server working memory in units of M, by number of clients:", "",
+             "| path | " + " | ".join(f"N={n}" for n in ns) + " | growth N=%d to N=%d |" % (ns[0], ns[-1]),
+             "|---|" + "---|" * (len(ns) + 1)]
+    for label, flag in (("optimized", True), ("original", False)):
+        values = [_in_m(_pick(medians, num_clients=n, optimize=flag), "server_work") for n in ns]
+        growth = None if None in (values[0], values[-1]) else values[-1] - values[0]
+        lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + f" | {_f(growth, '{:+.2f}')} M |")
+    lines.append("")
+    n = 4 if 4 in ns else ns[0]
+    opt, org = _pick(medians, num_clients=n, optimize=True), _pick(medians, num_clients=n, optimize=False)
+    for role in ("server", "client"):
+        red = _reduction(org and org.get(f"{role}_work"), opt and opt.get(f"{role}_work"))
+        lines.append(f"- N={n}, {role} working memory: original {_f(_in_m(org, f'{role}_work'))} M, optimized "
+                     f"{_f(_in_m(opt, f'{role}_work'))} M: {_f(red and 100 * red, '{:.0f}')}% lower.")
+    for n in ns:
+        opt, org = _pick(medians, num_clients=n, optimize=True), _pick(medians, num_clients=n, optimize=False)
+        if opt and org and opt.get("round_s") and org.get("round_s"):
+            lines.append(f"- N={n}: round wall time optimized/original = {opt['round_s'] / org['round_s']:.2f}.")
+    return lines + [""]
+
+
+def client_overhead(medians: dict) -> list[str]:
+    lines = ["FL overhead of a client = its peak heap in `client.mode=train` minus its peak heap in "
+             "`client.mode=local_only` (the same training loop without any communication):", ""]
+    for label, flag in (("optimized", True), ("original", False)):
+        train = _pick(medians, **{"client.mode": "train", "optimize": flag})
+        local = _pick(medians, **{"client.mode": "local_only", "optimize": flag})
+        if train and local and train.get("client_peak") and local.get("client_peak"):
+            over = train["client_peak"] - local["client_peak"]
+            lines.append(f"- {label}: {over / MiB:+.1f} MiB = {over / train['M']:+.3f} M.")
+        else:
+            lines.append(f"- {label}: not measured (a job is missing or failed).")
+    return lines + [""]
+
+
+def large_model(medians: dict) -> list[str]:
+    lines = []
+    opt, org = _pick(medians, optimize=True), _pick(medians, optimize=False)
+    if opt and opt.get("M"):
+        lines.append(f"- Optimized path, model of {opt['M'] / 2**30:.2f} GiB: server working memory "
+                     f"{_f(_in_m(opt, 'server_work'))} M, client {_f(_in_m(opt, 'client_work'))} M, "
+                     f"model streams at {_f(opt.get('mib_s'), '{:.0f}')} MiB/s (median).")
+    else:
+        lines.append("- Optimized path: did not complete (see the failure column).")
+    if org is not None and org.get("M"):
+        lines.append(f"- Original path completed: server working memory {_f(_in_m(org, 'server_work'))} M.")
+    else:
+        lines.append("- Original path: stopped early (see the failure column: the 2 GiB protobuf message limit).")
+    return lines + [""]
+
+
+def profiling_overhead(medians: dict) -> list[str]:
+    on, off = _pick(medians, **{"profiling.enabled": True}), _pick(medians, **{"profiling.enabled": False})
+    if not (on and off and on.get("wall_s") and off.get("wall_s")):
+        return ["- Profiling overhead: not measured (a job is missing or failed).", ""]
+    lines = [f"- Role wall time, profiled / unprofiled: {on['wall_s'] / off['wall_s']:.2f} "
+             f"({on['wall_s']:.1f} s / {off['wall_s']:.1f} s)."]
+    if on.get("round_s") and off.get("round_s"):
+        lines.append(f"- Round wall time, profiled / unprofiled: {on['round_s'] / off['round_s']:.2f}.")
+    lines.append(f"- Peak RSS recorded with profiling off: server {_f(off.get('server_rss') and off['server_rss'] / MiB, '{:.0f}')} "
+                 f"MiB, client {_f(off.get('client_rss') and off['client_rss'] / MiB, '{:.0f}')} MiB.")
+    return lines + [""]
+
+
+def findings(name: str, medians: dict) -> list[str]:
+    """Markdown lines of derived comparisons for experiment ``name`` (none for unknown experiments)."""
+    fn = {"resnet_scaling": resnet_scaling, "client_overhead": client_overhead, "large_model": large_model,
+          "profiling_overhead": profiling_overhead}.get(name)
+    return fn(medians) if fn else []
