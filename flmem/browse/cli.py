@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def browse(args: argparse.Namespace, console: Console | None = None) -> int:
     """Run one ``flmem browse`` invocation. Returns the exit status; raises BrowseError on bad input."""
     console = console or make_console()
+    if args.noise < 0 or args.top < 0:
+        raise BrowseError(f"--noise {args.noise} / --top {args.top}: must not be negative")
     target = resolve(args.target, args.root)
     if isinstance(target, list):
         if args.compare or args.html:
@@ -59,8 +61,10 @@ def browse(args: argparse.Namespace, console: Console | None = None) -> int:
         emit(listing_view(target, args.root), args.format, console)
         return 0
     if isinstance(target, Job):
-        if args.compare:
-            raise BrowseError(f"--compare {args.compare!r}: {target.dir} is a single job; give its sweep directory")
+        if args.compare or args.sort or args.filter:
+            option = "--compare" if args.compare else "--sort" if args.sort else "--filter"
+            raise BrowseError(f"{option} applies to a sweep's jobs, and {target.dir} is a single job; "
+                              "give its sweep directory")
         emit(run_view(target, args.top), args.format, console)
         if args.html:
             from flmem.browse.html import write_run_report
@@ -114,6 +118,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return browse(args)
     except BrowseError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except OSError as exc:  # an unreadable directory or file: say which, no traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except BrokenPipeError:
         return 0
