@@ -65,7 +65,8 @@ def write_summary(sweep_dir: Path, key: str | None = None, rel_noise: float = 0.
     noise per role). Raises BrowseError when ``sweep_dir`` is not a sweep.
     """
     from flmem.browse.compare import compare, default_key
-    from flmem.browse.discover import BrowseError, load_sweep
+    from flmem.browse.discover import load_sweep
+    from flmem.browse.model import BrowseError
     from flmem.browse.render import emit, make_console, to_json, to_markdown
     from flmem.browse.views import compare_view, sweep_view
 
