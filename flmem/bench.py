@@ -176,23 +176,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flmem.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", default=",".join(DEFAULT_EXPERIMENTS),
-                        help="comma-separated names of conf/experiment/*.yaml")
-    parser.add_argument("--repeats", type=int, default=1, help="repetitions of every job (medians are quoted)")
+                        help="comma-separated names of conf/experiment/*.yaml, each optionally NAME:REPEATS")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="repetitions of every job without its own :REPEATS (medians are quoted)")
     parser.add_argument("--root", type=Path, default=Path("outputs/bench"), help="where the sweeps go")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--tables-only", action="store_true", help="only rebuild the report from --root")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
-    experiments = [e for e in args.experiments.split(",") if e]
+    plan = {}
+    for item in (e for e in args.experiments.split(",") if e):
+        name, _, reps = item.partition(":")
+        if reps and not reps.isdigit():
+            parser.error(f"--experiments item {item!r}: REPEATS must be a whole number, e.g. {name}:3")
+        plan[name] = int(reps) if reps else args.repeats
     known = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-    unknown = [e for e in experiments if e not in known]
+    unknown = [e for e in plan if e not in known]
     if unknown:
         parser.error(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    if args.repeats < 1:
-        parser.error(f"--repeats={args.repeats}: must be at least 1")
+    bad = [f"{n}:{r}" for n, r in plan.items() if r < 1]
+    if bad:
+        parser.error(f"repeats must be at least 1: {', '.join(bad)}")
+    experiments = list(plan)
     if not args.tables_only:
-        for name in experiments:
-            run_experiment(name, args.repeats, args.root, args.overrides)
+        for name, repeats in plan.items():
+            run_experiment(name, repeats, args.root, args.overrides)
     command = "python -m flmem.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(args.root, experiments, args.out, command.strip())
     print(f"wrote {args.out}")

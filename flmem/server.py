@@ -106,13 +106,14 @@ class FedAvgServer:
         if num_samples <= 0:
             raise ValueError(f"client {rank} reported {num_samples} training samples")
         weight = float(num_samples) if self.weighted else 1.0
-        started = time.time()
         if self.streaming:
             # One update streams in at a time: the others wait in gRPC's flow-control window (about a
             # chunk each), so the server never holds N clients' in-flight data at once.
             with self._fold_slot:
+                started = time.time()
                 self.codec.fold(header, chunks, self.aggregator, weight)
         else:
+            started = time.time()
             update = self.codec.receive(header, chunks)
             with self.cond:
                 self.updates[rank] = (update, weight)
