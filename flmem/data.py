@@ -100,19 +100,23 @@ class _CIFAR10(torchvision.datasets.CIFAR10):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-def _cifar(cfg, train: bool) -> SplitData:
+def _ensure_cifar(cfg) -> Path:
     root = Path(cfg.root).expanduser()
     folder = root / "cifar-10-batches-py"
     missing = [f for f in CIFAR_FILES[True] + CIFAR_FILES[False] if not (folder / f).is_file()]
     if missing and cfg.download:
-        _download(lambda: _CIFAR10(str(root), train=train, download=True), folder)
-        missing = []
+        _download(lambda: _CIFAR10(str(root), train=True, download=True), folder)
+        missing = [f for f in missing if not (folder / f).is_file()]
     if missing:
         raise DatasetNotFoundError(
             f"dataset=cifar: {folder} lacks {', '.join(missing)}. Expected CIFAR-10 in torchvision's python "
             f"layout (data_batch_1..5, test_batch). Get it with dataset.download=true (needs the network), "
             f"or point dataset.root at the folder that holds cifar-10-batches-py.")
-    ds = _CIFAR10(str(root), train=train, download=False)
+    return root
+
+
+def _cifar(cfg, train: bool) -> SplitData:
+    ds = _CIFAR10(str(_ensure_cifar(cfg)), train=train, download=False)
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return SplitData(images, torch.tensor(ds.targets, dtype=torch.int64))
 
@@ -145,12 +149,12 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
         return reader(str(plain))
 
 
-def _idx(cfg, train: bool) -> SplitData:
+def _ensure_idx(cfg) -> dict[str, Path]:
     folders = idx_folders(cfg)
     stems = IDX_FILES[True] + IDX_FILES[False]
     if any(_find_idx(folders, s) is None for s in stems) and cfg.download:
         cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.FashionMNIST
-        _download(lambda: cls(str(Path(cfg.root).expanduser()), train=train, download=True), folders[0])
+        _download(lambda: cls(str(Path(cfg.root).expanduser()), train=True, download=True), folders[0])
     found = {s: _find_idx(folders, s) for s in stems}
     missing = [s for s, p in found.items() if p is None]
     if missing:
@@ -160,6 +164,11 @@ def _idx(cfg, train: bool) -> SplitData:
             f"dataset={cfg.name}: no {', '.join(missing)} (plain or .gz) in {' or '.join(map(str, folders))}. "
             f"Get the files with dataset.download=true (needs the network){hint}, or point dataset.root at the "
             f"folder that holds {folders[0].parent.name}/raw.")
+    return found
+
+
+def _idx(cfg, train: bool) -> SplitData:
+    found = _ensure_idx(cfg)
     image_stem, label_stem = IDX_FILES[train]
     images = _read_idx(found[image_stem], read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
     return SplitData(images.contiguous(), _read_idx(found[label_stem], read_label_file).to(torch.int64))
@@ -195,14 +204,15 @@ def load_split(cfg, train: bool) -> SplitData:
 
 
 def check_available(cfg) -> None:
-    """Fail before any process starts when the dataset's files are missing (reads no images)."""
+    """Make sure the dataset's files exist, downloading them first when ``dataset.download=true``.
+
+    The launcher calls this once, before any process starts, so roles never download concurrently.
+    Reads no images. Raises DatasetNotFoundError naming the folder, the missing files and the fix.
+    """
     if cfg.name == "cifar":
-        folder = Path(cfg.root).expanduser() / "cifar-10-batches-py"
-        if not cfg.download and not all((folder / f).is_file() for f in CIFAR_FILES[True] + CIFAR_FILES[False]):
-            _cifar(cfg, True)  # raises with the full message
-    elif cfg.name in ("mnist", "fashion_mnist") and not cfg.download:
-        if any(_find_idx(idx_folders(cfg), s) is None for s in IDX_FILES[True] + IDX_FILES[False]):
-            _idx(cfg, True)
+        _ensure_cifar(cfg)
+    elif cfg.name in ("mnist", "fashion_mnist"):
+        _ensure_idx(cfg)
 
 
 # ------------------------------------------------------------------ partition
