@@ -13,7 +13,10 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the job already stopped its roles and wrote result.json
+        sys.exit("interrupted: the running job's roles were stopped and its result.json says so")
     from flmem.app import FAILED_JOBS
 
     sys.exit(1 if FAILED_JOBS else 0)

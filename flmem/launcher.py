@@ -247,8 +247,16 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None) -> dict:
     except JobError as exc:
         job.failure = {"role": "server", "reason": str(exc)}
         job.stop()
+    except KeyboardInterrupt:
+        # Ctrl-C: stop the roles (their captures close cleanly), record why, then let it end the sweep.
+        job.failure = {"role": "launcher", "reason": "interrupted (Ctrl-C)"}
+        job.stop()
+        if progress:
+            progress.stop()
+        job.finish(started)
+        raise
     except BaseException:
-        job.stop()  # Ctrl-C or a launcher bug: never leave role processes behind
+        job.stop()  # a launcher bug: never leave role processes behind
         raise
     finally:
         if progress:
