@@ -58,7 +58,8 @@ def aggregate(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> di
 
 
 class StreamingFedAvg:
-    """FedAvg as a running sum: memory is one accumulator (about 1 M for a float32 model).
+    """FedAvg as a running sum: memory is one accumulator (about 1 M for a float32 model), which
+    exists only from a round's first update to its aggregation.
 
     Thread-safe: gRPC handler threads of different clients fold concurrently.
 
@@ -68,11 +69,18 @@ class StreamingFedAvg:
 
     def __init__(self, template: Mapping[str, torch.Tensor]):
         self.layout = serde.Layout.of(template)
-        self._acc = {name: torch.zeros(t.shape, dtype=_acc_dtype(t.dtype)) for name, t in template.items()}
-        self._flat = {name: acc.view(-1) for name, acc in self._acc.items()}
+        self._spec = {name: (tuple(t.shape), _acc_dtype(t.dtype)) for name, t in template.items()}
+        self._acc: dict[str, torch.Tensor] | None = None  # allocated by the round's first fold
+        self._flat: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.total_weight = 0.0
         self.num_updates = 0
+
+    def _accumulators(self) -> dict[str, torch.Tensor]:
+        if self._acc is None:
+            self._acc = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in self._spec.items()}
+            self._flat = {name: acc.view(-1) for name, acc in self._acc.items()}
+        return self._acc
 
     def check_layout(self, layout: serde.Layout) -> None:
         self.layout.check_matches(layout)
@@ -80,6 +88,7 @@ class StreamingFedAvg:
     def fold_chunk(self, layout: serde.Layout, offset: int, data: bytes, weight: float) -> None:
         """Add ``weight`` times the tensor elements inside one ``raw`` payload chunk."""
         with self._lock:
+            self._accumulators()
             for entry, t_start, c_start, nbytes in serde.segments(layout, offset, len(data)):
                 size = torch.empty((), dtype=entry.torch_dtype).element_size()
                 values = serde.readonly_tensor(data, entry.torch_dtype, nbytes // size, c_start)
@@ -89,7 +98,7 @@ class StreamingFedAvg:
     def fold_state_dict(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Add ``weight`` times a whole client state dict, and count it as one update."""
         with self._lock:
-            for name, acc in self._acc.items():
+            for name, acc in self._accumulators().items():
                 acc.add_(state[name].to(acc.dtype), alpha=float(weight))
         self.count_update(weight)
 
@@ -106,12 +115,14 @@ class StreamingFedAvg:
             ValueError: nothing was folded since the last reset.
         """
         with self._lock:
-            if self.total_weight <= 0:
+            if self.total_weight <= 0 or self._acc is None:
                 raise ValueError("no client update was folded in this round")
             with torch.no_grad():
                 for name, acc in self._acc.items():
                     acc.div_(self.total_weight)
                     target = state[name]
                     target.copy_(acc if target.dtype.is_floating_point else acc.round_())
-                    acc.zero_()
+            # The sum is dead until the next round's first update: free it, so evaluation and serving
+            # the global model run next to one model copy, not two.
+            self._acc, self._flat = None, {}
             self.total_weight, self.num_updates = 0.0, 0
