@@ -1,12 +1,12 @@
 """Hydra callbacks: at the end of a sweep, print its comparison and write its summary.
 
-Enable it under ``hydra:`` in ``conf/config.yaml``::
+``conf/config.yaml`` enables it under ``hydra:``::
 
     callbacks:
       sweep_summary:
         _target_: flmem.callbacks.SweepSummary
 
-or for one sweep: ``python launch.py -m ... '+hydra.callbacks.sweep_summary._target_=flmem.callbacks.SweepSummary'``.
+and ``python launch.py -m ... '~hydra.callbacks.sweep_summary'`` turns it off for one sweep.
 """
 from __future__ import annotations
 

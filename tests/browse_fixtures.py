@@ -17,8 +17,7 @@ TINY = ["rounds=1", "local_steps=2", "dataset.train_size=256", "dataset.test_siz
         "dataset.samples_per_client=64", "dataset.test_samples=64", "timeouts.job_s=600"]
 #: optimize=true,false x num_clients=0,2: num_clients=0 fails config validation (a failed job that
 #: costs nothing), num_clients=2 gives one original/optimized pair with a server and two clients.
-SWEEP = ["optimize=true,false", "num_clients=0,2", *TINY,
-         "+hydra.callbacks.sweep_summary._target_=flmem.callbacks.SweepSummary"]
+SWEEP = ["optimize=true,false", "num_clients=0,2", *TINY]  # conf/config.yaml enables the sweep summary callback
 
 
 def find_chromium() -> str | None:
