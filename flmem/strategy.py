@@ -11,7 +11,10 @@ Two implementations that give the same numbers:
   depend on the number of clients.
 
 Floating tensors are averaged in their own precision (float32 for float16/bfloat16);
-integer tensors (e.g. BatchNorm's ``num_batches_tracked``) in float64, then rounded.
+integer tensors (e.g. BatchNorm's ``num_batches_tracked``) in float64, then rounded. Both
+implementations round the same way (product, then sum, then one division), so they agree
+bit for bit when updates are added in the same order (always, for two clients); otherwise
+they differ by float rounding only.
 """
 from __future__ import annotations
 
@@ -93,13 +96,13 @@ class StreamingFedAvg:
                 size = torch.empty((), dtype=entry.torch_dtype).element_size()
                 values = serde.readonly_tensor(data, entry.torch_dtype, nbytes // size, c_start)
                 acc = self._flat[entry.name][t_start // size:(t_start + nbytes) // size]
-                acc.add_(values.to(acc.dtype), alpha=float(weight))
+                acc.add_(values.to(acc.dtype) * float(weight))  # the same roundings as aggregate()
 
     def fold_state_dict(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Add ``weight`` times a whole client state dict, and count it as one update."""
         with self._lock:
             for name, acc in self._accumulators().items():
-                acc.add_(state[name].to(acc.dtype), alpha=float(weight))
+                acc.add_(state[name].to(acc.dtype) * float(weight))
         self.count_update(weight)
 
     def count_update(self, weight: float) -> None:

@@ -65,8 +65,8 @@ def test_exact_sweep_runs_four_profiled_jobs_and_paths_agree(tmp_path, tiny_data
         finals[(overrides["dataset"], overrides["optimize"].lower())] = state  # Hydra writes True/False
     for dataset in ("cifar", "mnist"):
         original, optimized = finals[(dataset, "false")], finals[(dataset, "true")]
-        for name in original:
-            assert torch.allclose(original[name].float(), optimized[name].float(), rtol=1e-4, atol=1e-5), name
+        for name in original:  # two clients: FedAvg sums in the same order on both paths, so bit for bit
+            assert torch.equal(original[name], optimized[name]), name
 
 
 def test_fashion_mnist_from_debian_files(tmp_path):
