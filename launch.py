@@ -15,8 +15,9 @@ def main(cfg: DictConfig):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # the job already stopped its roles and wrote result.json
-        sys.exit("interrupted: the running job's roles were stopped and its result.json says so")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job already stopped its roles and wrote result.json
+        print("interrupted: the running job's roles were stopped and its result.json says so", file=sys.stderr)
+        sys.exit(130)
     from flmem.app import FAILED_JOBS
 
     sys.exit(1 if FAILED_JOBS else 0)

@@ -12,10 +12,12 @@ Layout of a job directory (Hydra's output dir for the job)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,32 @@ from flmem.status import read_json, read_metrics, write_json
 
 class JobError(RuntimeError):
     """A job cannot start (bad output dir, server never ready)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The launcher got SIGINT (Ctrl-C) or SIGTERM."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals(handler):
+    """Install ``handler`` for SIGINT and SIGTERM (main thread only) and restore the old ones after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _signals_deferred():
+    return _signals(signal.SIG_IGN)
 
 
 @dataclass
@@ -66,15 +94,8 @@ class Role:
             lines = []
         return lines[-1] if lines else f"exited with code {code}"
 
-    def stop(self, grace_s: float) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # the worker turns it into SystemExit: the capture is closed
-        try:
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def close_logs(self) -> None:
         for fh in self.logs:
@@ -179,9 +200,22 @@ class Job:
             self.progress.update(self.roles)
 
     def stop(self) -> None:
-        for role in self.roles:
-            role.stop(float(self.cfg.timeouts.stop_grace_s))
-            role.close_logs()
+        """SIGTERM every live role at once (the worker turns it into SystemExit, so its capture is closed),
+        then SIGKILL whatever is still alive after one shared ``timeouts.stop_grace_s``. Ctrl-C and SIGTERM
+        are held off meanwhile, so a second one cannot leave a role behind."""
+        with _signals_deferred():
+            live = [role for role in self.roles if role.alive()]
+            for role in live:
+                role.proc.send_signal(signal.SIGTERM)
+            deadline = time.time() + float(self.cfg.timeouts.stop_grace_s)
+            for role in live:
+                try:
+                    role.proc.wait(max(0.0, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(role.proc.pid, signal.SIGKILL)
+                    role.proc.wait()
+            for role in self.roles:
+                role.close_logs()
 
     # ------------------------------------------------------------------ result
     def finish(self, started: float) -> dict:
@@ -240,20 +274,23 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None) -> dict:
     except (ConfigError, data.DatasetNotFoundError, JobError, ValueError) as exc:
         return failed_result(job_dir, overrides, "config", str(exc), started)
     try:
-        if progress:
-            progress.start_job(cfg)
-        job.start(config)
-        job.watch()
+        with _signals(_interrupt):  # SIGTERM (kill, timeout, a scheduler) stops the job like Ctrl-C
+            if progress:
+                progress.start_job(cfg)
+            job.start(config)
+            job.watch()
     except JobError as exc:
         job.failure = {"role": "server", "reason": str(exc)}
         job.stop()
-    except KeyboardInterrupt:
-        # Ctrl-C: stop the roles (their captures close cleanly), record why, then let it end the sweep.
-        job.failure = {"role": "launcher", "reason": "interrupted (Ctrl-C)"}
+    except KeyboardInterrupt as exc:
+        # Stop the roles (their captures close cleanly), record why, then let it end the sweep.
+        how = f"{exc}" if isinstance(exc, Interrupted) else "SIGINT"
+        job.failure = {"role": "launcher", "reason": f"interrupted ({how}); the roles were stopped"}
         job.stop()
         if progress:
             progress.stop()
-        job.finish(started)
+        with _signals_deferred():
+            job.finish(started)
         raise
     except BaseException:
         job.stop()  # a launcher bug: never leave role processes behind

@@ -156,3 +156,30 @@ def test_server_and_clients_started_as_separate_roles(tmp_path, free_port):
     (server_job,) = [j for j in job_dirs(tmp_path) if (j / "roles" / "server").exists()]
     res = check_role_files(server_job, ["server"])
     assert len(res["rounds"]) == 2
+
+
+def test_sigterm_then_ctrl_c_on_the_launcher_stops_every_role(tmp_path):
+    args = [sys.executable, str(REPO / "launch.py"), "rounds=200", "local_steps=1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, statuses = time.time() + 180, []
+    while time.time() < deadline and not statuses:
+        found = list(tmp_path.glob("outputs/runs/*/roles/client_0/status.json"))
+        if found and json.loads(found[0].read_text()).get("rounds_done", 0) >= 1:
+            statuses = list(found[0].parent.parent.glob("*/status.json"))
+        time.sleep(0.2)
+    assert len(statuses) == 3, "the job never got going"
+    pids = [json.loads(p.read_text())["pid"] for p in statuses]
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # a second, impatient signal must not leave a role behind
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "Traceback" not in out
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    (job,) = job_dirs(tmp_path)
+    res = result(job)
+    assert res["status"] == "failed" and res["failure"]["role"] == "launcher"
+    assert res["failure"]["reason"].startswith("interrupted (SIGTERM)")
+    assert all(s["capture_error"] is None for s in res["roles"].values())  # every capture closed cleanly

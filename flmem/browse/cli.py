@@ -53,7 +53,8 @@ def browse(args: argparse.Namespace, console: Console | None = None) -> int:
     """Run one ``flmem browse`` invocation. Returns the exit status; raises BrowseError on bad input."""
     console = console or make_console()
     if args.noise < 0 or args.top < 0:
-        raise BrowseError(f"--noise {args.noise} / --top {args.top}: must not be negative")
+        bad = [f"--noise {args.noise}"] * (args.noise < 0) + [f"--top {args.top}"] * (args.top < 0)
+        raise BrowseError(f"{' and '.join(bad)}: must not be negative")
     target = resolve(args.target, args.root)
     if isinstance(target, list):
         if args.compare or args.html:

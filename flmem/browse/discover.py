@@ -167,8 +167,8 @@ def list_outputs(root: Path) -> list[Sweep]:
 def resolve(target: str | None, root: Path) -> Sweep | Job | list[Sweep]:
     """What ``flmem browse TARGET`` shows: the listing of ``root`` (None), a Sweep, or a Job.
 
-    ``latest`` is the newest sweep or run under ``root``. A job directory inside a sweep gives that
-    Job. Raises BrowseError naming the target and what is accepted when it is none of these.
+    ``latest`` is the newest sweep under ``root`` (the newest single run when there is no sweep). A
+    job directory inside a sweep gives that Job. Raises BrowseError naming the target and what is accepted when it is none of these.
     """
     root = Path(root)
     if target is None:
@@ -179,7 +179,8 @@ def resolve(target: str | None, root: Path) -> Sweep | Job | list[Sweep]:
         items = list_outputs(root)
         if not items:
             raise BrowseError(f"latest: no sweeps or runs under {root} (looked in {root}/multirun and {root}/runs)")
-        return items[0] if items[0].kind == "sweep" else items[0].jobs[0]
+        sweeps = [item for item in items if item.kind == "sweep"]
+        return sweeps[0] if sweeps else items[0].jobs[0]
     path = Path(target)
     if not path.is_dir():
         raise BrowseError(f"{target}: no such directory; give a sweep or run directory, 'latest', "
