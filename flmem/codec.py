@@ -57,9 +57,12 @@ class ModelCodec:
             # Removes the quadratic re-copying of `bytes +=`: one buffer of the announced size.
             buffer = bytearray(total)
             view = memoryview(buffer)
+            received = 0
             for offset, data in chunks:
                 _check_bounds(offset, len(data), total)
                 view[offset:offset + len(data)] = data
+                received += len(data)
+            _check_complete(received, total)
             return buffer
         payload = b""
         for _, data in chunks:
@@ -84,10 +87,13 @@ class ModelCodec:
             layout = serde.header_layout(header)
             layout.check_matches(serde.Layout.of(state))
             targets = {name: serde.byte_view(t) for name, t in state.items()}
+            received = 0
             for offset, data in chunks:
                 _check_bounds(offset, len(data), layout.total_bytes)
                 for entry, t_start, c_start, n in serde.segments(layout, offset, len(data)):
                     targets[entry.name][t_start:t_start + n] = memoryview(data)[c_start:c_start + n]
+                received += len(data)
+            _check_complete(received, layout.total_bytes)
             return
         received = self.receive(header, chunks)
         serde.Layout.of(state).check_matches(serde.Layout.of(received))
@@ -104,9 +110,12 @@ class ModelCodec:
             # Removes the per-client model: every chunk is folded into the running sum and dropped.
             layout = serde.header_layout(header)
             aggregator.check_layout(layout)
+            received = 0
             for offset, data in chunks:
                 _check_bounds(offset, len(data), layout.total_bytes)
                 aggregator.fold_chunk(layout, offset, data, weight)
+                received += len(data)
+            _check_complete(received, layout.total_bytes)  # a partial update must not count as one
             aggregator.count_update(weight)
             return
         update = self.receive(header, chunks)
@@ -114,6 +123,12 @@ class ModelCodec:
         del update
         if self.release:
             gc.collect()
+
+
+def _check_complete(received: int, total: int) -> None:
+    """Chunks are consecutive and never overlap (the sender cuts them in order), so a byte count suffices."""
+    if received != total:
+        raise ValueError(f"stream ended after {received} of {total} payload bytes")
 
 
 def _check_bounds(offset: int, length: int, total: int) -> None:

@@ -6,7 +6,7 @@ errors are reported at once.
 """
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ENVELOPE_BYTES = 1024  # room for a ModelChunk's non-data fields inside the gRPC message limit
 GRPC_MAX = 2**31 - 1
@@ -33,22 +33,27 @@ def _rules(cfg: DictConfig):
     yield at_least("threads_per_role", cfg.threads_per_role, 1)
     yield positive("lr", cfg.lr)
     yield cfg.optimizer in ("sgd", "adam"), f"optimizer={cfg.optimizer}: must be sgd or adam"
-    for key in ("trainer", "serde", "transport", "aggregation", "release"):
-        value = cfg.optimization[key]
-        yield isinstance(value, bool), f"optimization.{key}={value}: must be true or false"
-    yield isinstance(cfg.optimize, bool), f"optimize={cfg.optimize}: must be true or false"
+    flags = ["optimize", "evaluate", "save_global_model", "fedavg.weighted", "dataset.download",
+             *(f"optimization.{k}" for k in ("trainer", "serde", "transport", "aggregation", "release")),
+             *(f"profiling.{k}" for k in ("enabled", "native_traces", "track_imports", "trace_python_allocators",
+                                          "flamegraph"))]
+    for key in flags:
+        value = OmegaConf.select(cfg, key)
+        yield isinstance(value, bool), f"{key}={value}: must be true or false"
 
     yield (cfg.client.mode in ("train", "local_only", "comm_only"),
            f"client.mode={cfg.client.mode}: must be train, local_only or comm_only")
-    yield isinstance(cfg.client.perturbation, (int, float)), f"client.perturbation={cfg.client.perturbation}: a number"
+    yield (isinstance(cfg.client.perturbation, (int, float)) and not isinstance(cfg.client.perturbation, bool)
+           and cfg.client.perturbation >= 0, f"client.perturbation={cfg.client.perturbation}: must be a number >= 0")
     if cfg.client.mode == "local_only":
         yield cfg.role.name in ("local", "client"), f"role={cfg.role.name}: client.mode=local_only runs no server"
 
     ds = cfg.dataset
     language_model = str(cfg.model.get("_target_", "")).endswith("DecoderLM")
     yield (language_model == (ds.name == "tokens"),
-           f"dataset={ds.name} with model {cfg.model.get('_target_')}: model=transformer needs dataset=tokens "
-           "and dataset=tokens needs model=transformer; image datasets take model=cnn or model=resnet18")
+           f"dataset={ds.name} with {'model=transformer' if language_model else 'an image model'}: "
+           "model=transformer needs dataset=tokens and dataset=tokens needs model=transformer; image datasets "
+           "take model=cnn or model=resnet18")
     yield ds.partition in ("iid", "dirichlet"), f"dataset.partition={ds.partition}: must be iid or dirichlet"
     yield positive("dataset.alpha", ds.alpha)
     if ds.samples_per_client is not None:

@@ -127,8 +127,9 @@ class Job:
         if self.cfg.role.name in ("local", "server", "client"):
             data.check_available(self.cfg.dataset)
         if (self.dir / "result.json").exists() or (self.dir / "roles").exists():
-            raise JobError(f"{self.dir} already holds a run; it is kept as it is. Run again without "
-                           "hydra.run.dir (a new directory per run) or pick an empty one")
+            raise JobError(f"{self.dir} already holds a run; its config.yaml, result.json and roles/ are kept "
+                           "(Hydra has rewritten its .hydra/ files). Run again without hydra.run.dir (a new "
+                           "directory per run) or pick an empty one")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yaml"
         config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))

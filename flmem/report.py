@@ -12,11 +12,17 @@ from flmem.status import read_json
 MiB = 2**20
 
 
+def make_console() -> Console:
+    """A rich console; when output goes to a file or pipe, wide enough that paths are never cut in two."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 200))
+
+
 class RoleProgress:
     """Rounds done per role, read from each role's ``status.json`` while the job runs."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console()
+        self.console = console or make_console()
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
 
@@ -68,7 +74,7 @@ def result_table(result: dict) -> Table:
 
 
 def print_result(result: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     rounds = result.get("rounds") or []
     if rounds and "test_accuracy" in rounds[-1]:
         last = rounds[-1]

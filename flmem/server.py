@@ -53,6 +53,7 @@ class FedAvgServer:
         self.aggregator = StreamingFedAvg(self.state) if streaming else None
         self.updates: dict[int, tuple[dict, float]] = {}
         self.received: set[int] = set()
+        self.receiving: set[int] = set()  # ranks whose update is streaming in now
         self.final_fetched: set[int] = set()
         self.published = -1
         self.errors: list[BaseException] = []
@@ -101,8 +102,16 @@ class FedAvgServer:
             if round_idx != self.published or round_idx >= self.rounds:
                 raise ValueError(f"client {rank} sent an update for round {round_idx}; the server collects "
                                  f"round {self.published}")
-            if rank in self.received:
+            if rank in self.received or rank in self.receiving:
                 raise ValueError(f"client {rank} sent a second update for round {round_idx}")
+            self.receiving.add(rank)  # claimed before streaming: a concurrent duplicate is refused too
+        try:
+            return self._take_update(rank, num_samples, header, chunks)
+        finally:
+            with self.cond:
+                self.receiving.discard(rank)
+
+    def _take_update(self, rank: int, num_samples: int, header: dict, chunks) -> int:
         if num_samples <= 0:
             raise ValueError(f"client {rank} reported {num_samples} training samples")
         weight = float(num_samples) if self.weighted else 1.0

@@ -1,8 +1,9 @@
 """One role in one fresh interpreter: ``python -m flmem.worker --config C --role R --out DIR``.
 
-The process starts its ``memray.Tracker`` before importing torch, so the capture holds the
-whole life of the role. Once imports are done it marks the *baseline* (``markers.json``) before
-any model or data exists. SIGTERM (the launcher stopping a job) exits through ``SystemExit``
+By default the process imports what every role needs first, records the allocator's bytes in
+use (the *baseline*, before any model or data exists), and only then starts its ``memray.Tracker``,
+so the capture holds the role's working memory. With ``profiling.track_imports=true`` the Tracker
+starts before the imports and the baseline is marked in time (``markers.json``) instead. SIGTERM (the launcher stopping a job) exits through ``SystemExit``
 so the Tracker closes its capture file properly.
 """
 from __future__ import annotations

@@ -91,6 +91,8 @@ def test_unknown_key_is_refused():
     ("profiling.capture_format=json", "profiling.capture_format=json"),
     ("rounds=three", "rounds=three: must be an integer >= 1"),
     ("client.mode=fast", "client.mode=fast: must be train, local_only or comm_only"),
+    ("evaluate=no", "evaluate=no: must be true or false"),
+    ("profiling.enabled=1", "profiling.enabled=1: must be true or false"),
 ])
 def test_bad_values_name_the_key_and_the_rule(override, expected):
     with pytest.raises(ConfigError) as err:

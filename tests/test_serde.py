@@ -77,11 +77,22 @@ def test_original_path_names_the_2gib_protobuf_limit(monkeypatch):
         ModelCodec(False, True, 4096).encode({"w": torch.zeros(1000)})
 
 
-def test_truncated_stream_is_an_error():
-    codec = ModelCodec(False, False, 1024)
-    header, chunks = codec.encode(sample_state())
+@pytest.mark.parametrize("serde_opt, transport_opt", PATHS)
+def test_truncated_stream_is_an_error_on_every_path(serde_opt, transport_opt):
+    from flmem.strategy import StreamingFedAvg
+
+    state = sample_state()
+    codec = ModelCodec(serde_opt, transport_opt, 1024)
+    header, chunks = codec.encode(state)
+    short = list(chunks)[:-1]
     with pytest.raises(ValueError, match="stream ended after"):
-        codec.receive(header, list(chunks)[:-1])
+        codec.receive(header, short)
+    with pytest.raises(ValueError, match="stream ended after"):
+        codec.receive_into(header, short, {k: torch.zeros_like(v).contiguous() for k, v in state.items()})
+    agg = StreamingFedAvg(state)
+    with pytest.raises(ValueError, match="stream ended after"):
+        codec.fold(header, short, agg, 1.0)
+    assert agg.num_updates == 0  # a partial update is not counted as one
 
 
 def test_committed_grpc_stubs_match_the_proto(tmp_path):
