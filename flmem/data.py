@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -119,6 +120,31 @@ def _cifar(cfg, train: bool) -> SplitData:
     ds = _CIFAR10(str(_ensure_cifar(cfg)), train=train, download=False)
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return SplitData(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+
+def _cifar_batch(folder: Path, name: str) -> dict:
+    with open(folder / name, "rb") as fh:  # a local dataset file in torchvision's layout, read as it does
+        return pickle.load(fh, encoding="latin1")
+
+
+def _cifar_client(cfg, rank: int, num_clients: int) -> SplitData:
+    """Client ``rank``'s CIFAR-10 training samples, read one batch file at a time (each dropped before
+    the next is read): a pass for the labels, which the partition needs, then one for the images."""
+    folder = _ensure_cifar(cfg) / "cifar-10-batches-py"
+    labels: list[int] = []
+    for name in CIFAR_FILES[True]:
+        labels.extend(_cifar_batch(folder, name)["labels"])
+    all_labels = torch.tensor(labels, dtype=torch.int64)
+    idx = torch.from_numpy(client_indices(cfg, all_labels, rank, num_clients))
+    images = torch.empty(len(idx), 3, 32, 32, dtype=torch.uint8)
+    start = 0
+    for name in CIFAR_FILES[True]:
+        rows = torch.from_numpy(_cifar_batch(folder, name)["data"]).view(-1, 3, 32, 32)
+        inside = (idx >= start) & (idx < start + len(rows))
+        images[inside] = rows[idx[inside] - start]
+        start += len(rows)
+        del rows
+    return SplitData(images, all_labels[idx].clone())
 
 
 def idx_folders(cfg) -> list[Path]:
@@ -254,6 +280,10 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     Original path: a ``Subset`` over the whole split, which keeps every client's images alive.
     Optimized (``release``): copies out the client's own samples and drops the whole split.
     """
+    if release and cfg.name == "cifar":
+        # Removes the whole training split and torchvision's second copy of it (its vstack): one batch
+        # file is in memory at a time and only this client's images are kept.
+        return SplitDataset(_cifar_client(cfg, rank, num_clients))
     full = load_split(cfg, train=True)
     idx = client_indices(cfg, full.labels, rank, num_clients)
     if not release:

@@ -83,3 +83,20 @@ def test_client_dataset_same_samples_on_both_paths(release):
     assert len(ds) == 40
     for i in (0, 17, 39):
         assert torch.equal(ds[i][0], reference[i][0]) and ds[i][1] == reference[i][1]
+
+
+def test_cifar_client_reads_the_same_samples_batch_by_batch(tmp_path):
+    import memray
+
+    write_cifar(tmp_path, per_batch=2000, test=10)  # 6 MB per batch file, 30 MB of training images
+    cfg = ds_cfg("cifar", tmp_path, samples_per_client=500)
+    peaks = {}
+    for release in (False, True):
+        with memray.Tracker(tmp_path / f"{release}.bin", file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS):
+            ds = data.client_dataset(cfg, rank=1, num_clients=3, release=release)
+        peaks[release] = memray.FileReader(str(tmp_path / f"{release}.bin")).metadata.peak_memory
+        if release:
+            assert len(ds) == 500 and all(torch.equal(ds[i][0], reference[i][0]) and ds[i][1] == reference[i][1]
+                                          for i in (0, 123, 499))
+        reference = ds
+    assert peaks[True] < 0.5 * peaks[False], peaks  # one batch file at a time, not the whole split twice
