@@ -295,8 +295,17 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     return SplitDataset(own)
 
 
-def test_dataset(cfg) -> torch.utils.data.Dataset:
-    """The first ``dataset.test_samples`` samples of the test split (all when null)."""
+def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
+    """The first ``dataset.test_samples`` samples of the test split (all when null).
+
+    With ``release``, CIFAR-10's test file is read directly instead of through torchvision's reader.
+    """
+    if release and cfg.name == "cifar":
+        # Removes torchvision's second copy of the test split (its vstack).
+        entry = _cifar_batch(_ensure_cifar(cfg) / "cifar-10-batches-py", CIFAR_FILES[False][0])
+        n = len(entry["labels"]) if cfg.test_samples is None else int(cfg.test_samples)
+        images = torch.from_numpy(entry["data"][:n]).view(-1, 3, 32, 32).clone()
+        return SplitDataset(SplitData(images, torch.tensor(entry["labels"][:n], dtype=torch.int64)))
     data = load_split(cfg, train=False)
     if cfg.test_samples is not None:
         n = int(cfg.test_samples)

@@ -90,7 +90,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     model = hydra.utils.instantiate(cfg.model)
     markers["model_bytes"] = model_bytes(model.state_dict())
     if role == "server":
-        test_data = data.test_dataset(cfg.dataset) if cfg.evaluate else None
+        test_data = data.test_dataset(cfg.dataset, release=opt.release) if cfg.evaluate else None
         fl = FedAvgServer(model, test_data, num_clients=int(cfg.num_clients),
                           rounds=int(cfg.rounds), codec=codec, streaming=opt.aggregation,
                           weighted=cfg.fedavg.weighted, round_timeout_s=float(cfg.timeouts.round_s),

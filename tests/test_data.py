@@ -100,3 +100,11 @@ def test_cifar_client_reads_the_same_samples_batch_by_batch(tmp_path):
                                           for i in (0, 123, 499))
         reference = ds
     assert peaks[True] < 0.5 * peaks[False], peaks  # one batch file at a time, not the whole split twice
+
+
+def test_cifar_test_split_is_the_same_read_directly(tmp_path):
+    write_cifar(tmp_path, per_batch=5, test=30)
+    cfg = ds_cfg("cifar", tmp_path, test_samples=20)
+    direct, reference = data.test_dataset(cfg, release=True), data.test_dataset(cfg, release=False)
+    assert len(direct) == len(reference) == 20
+    assert all(torch.equal(direct[i][0], reference[i][0]) and direct[i][1] == reference[i][1] for i in range(20))
