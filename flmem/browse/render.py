@@ -106,7 +106,8 @@ def print_table(view: View, console: Console) -> None:
 def to_markdown(view: View) -> str:
     out = [f"## {view.title}", ""]
     for section in view.sections:
-        out += [f"### {section.title}", ""]
+        if section.title:  # an untitled section is the view's only table: no empty heading
+            out += [f"### {section.title}", ""]
         cols = people(section)
         out.append("| " + " | ".join(c.header.replace("\n", " ").replace("|", "\\|") for c in cols) + " |")
         out.append("|" + "|".join("---:" if c.kind != "text" else "---" for c in cols) + "|")
