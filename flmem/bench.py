@@ -24,7 +24,7 @@ import memray
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead", "large_model", "profiling_overhead"]
+DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead:3", "large_model", "profiling_overhead:3", "round_time"]
 MiB = 2**20
 
 
@@ -33,11 +33,14 @@ def run_experiment(name: str, repeats: int, root: Path, extra: list[str]) -> Pat
     sweep = root / name
     if sweep.exists():
         raise SystemExit(f"{sweep} exists; pick another --root (runs are never overwritten)")
-    reps = ",".join(str(r) for r in range(repeats))
-    cmd = [sys.executable, str(REPO / "launch.py"), "-m", f"+experiment={name}", f"repeat={reps}",
+    # repeats=1 leaves `repeat` to the experiment (one may sweep it itself, interleaved with its other keys)
+    reps = [f"repeat={','.join(str(r) for r in range(repeats))}"] if repeats > 1 else []
+    cmd = [sys.executable, str(REPO / "launch.py"), "-m", f"+experiment={name}", *reps,
            f"hydra.sweep.dir={sweep}", *extra]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=False)
+    shown = ["python launch.py", *cmd[2:]]
+    (sweep / "bench_command.txt").write_text(" ".join(shown) + "\n")
     return sweep
 
 
@@ -165,7 +168,11 @@ def write_report(root: Path, experiments: list[str], out: Path, command: str) ->
             parts += [f"## {name}", "", "No job results found.", ""]
             continue
         header, rows, medians = experiment_table(jobs)
-        parts += [f"## {name}", "", markdown(header, rows), ""]
+        ran = root / name / "bench_command.txt"
+        parts += [f"## {name}", ""]
+        if ran.exists():
+            parts += [f"Sweep: `{ran.read_text().strip()}`", ""]
+        parts += [markdown(header, rows), ""]
         parts += findings(name, medians)
     text = "\n".join(parts) + "\n"
     out.write_text(text)

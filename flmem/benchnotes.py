@@ -97,8 +97,16 @@ def profiling_overhead(medians: dict) -> list[str]:
     return lines + [""]
 
 
+def round_time(medians: dict) -> list[str]:
+    opt, org = _pick(medians, optimize=True), _pick(medians, optimize=False)
+    if not (opt and org and opt.get("round_s") and org.get("round_s")):
+        return ["- Round wall time: not measured (a job is missing or failed).", ""]
+    return [f"- Median round wall time: optimized {opt['round_s']:.2f} s, original {org['round_s']:.2f} s: "
+            f"ratio optimized/original = {opt['round_s'] / org['round_s']:.2f}.", ""]
+
+
 def findings(name: str, medians: dict) -> list[str]:
     """Markdown lines of derived comparisons for experiment ``name`` (none for unknown experiments)."""
     fn = {"resnet_scaling": resnet_scaling, "client_overhead": client_overhead, "large_model": large_model,
-          "profiling_overhead": profiling_overhead}.get(name)
+          "profiling_overhead": profiling_overhead, "round_time": round_time}.get(name)
     return fn(medians) if fn else []
