@@ -22,8 +22,6 @@ from pathlib import Path
 
 from flmem.status import read_json, write_json
 
-MiB = 2**20
-
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -131,10 +129,10 @@ def render_flamegraph(capture: Path, html: Path, timeout_s: float = 300) -> str 
         return f"{html} exists; not overwritten"
     proc = subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-o", str(html), str(capture)],
                           capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        return (proc.stderr or proc.stdout).strip().splitlines()[-1:][0] if (proc.stderr or proc.stdout) else \
-            f"memray flamegraph exited {proc.returncode}"
-    return None
+    if proc.returncode == 0:
+        return None
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return lines[-1] if lines else f"memray flamegraph exited {proc.returncode}"
 
 
 def finish_role(role_dir: Path, role: str, *, model_bytes: int | None, top: int, flamegraph: bool) -> dict:
