@@ -20,6 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from flmem.flamegraph_offline import localize_flamegraph
 from flmem.status import read_json, write_json
 
 
@@ -124,13 +125,14 @@ def _read_capture(capture: Path, markers: dict, summary: dict, top: int) -> None
 
 
 def render_flamegraph(capture: Path, html: Path, timeout_s: float = 300) -> str | None:
-    """Render memray's flamegraph of the peak into ``html``; returns an error message or None."""
+    """Render memray's flamegraph of the peak into ``html``, readable offline (flmem.flamegraph_offline);
+    returns an error message or None."""
     if html.exists():
         return f"{html} exists; not overwritten"
     proc = subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-o", str(html), str(capture)],
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode == 0:
-        return None
+        return localize_flamegraph(html)
     lines = (proc.stderr or proc.stdout).strip().splitlines()
     return lines[-1] if lines else f"memray flamegraph exited {proc.returncode}"
 
