@@ -10,7 +10,10 @@ import memray
 import pytest
 import torch
 
+from flmem.flamegraph_offline import JOB_ASSETS, external_resources
 from tests.conftest import REPO, TINY, job_dirs, launch, result
+
+from flamegraph_browser import frames_are_painted, open_offline
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +34,9 @@ def check_role_files(job_dir, roles, track_imports=False):
         assert summary["peak_rss_bytes"] >= summary["peak_heap_bytes"] - summary["baseline_heap_bytes"]
         assert summary["total_allocations"] > 0 and summary["duration_s"] > 0 and summary["top_sites"]
         assert (role_dir / "flamegraph.html").stat().st_size > 10_000
+        assert summary["flamegraph_error"] is None
+        assert external_resources((role_dir / "flamegraph.html").read_text()) == []  # offline: links to JOB_ASSETS
+        assert (job_dir / JOB_ASSETS / "d3-flame-graph@4.1.3" / "dist" / "d3-flamegraph.min.js").is_file()
         assert res["roles"][role]["peak_heap_bytes"] == summary["peak_heap_bytes"]
     return res
 
@@ -47,6 +53,12 @@ def test_default_run_prints_progress_and_the_memory_table(tmp_path):
     assert "3/3" in out and "peak heap MiB" in out
     for role in ("server", "client_0", "client_1"):
         assert str(job / "roles" / role / "flamegraph.html") in out
+    # the server's flamegraph draws offline, down from the worker's entry point
+    shot = REPO / "test-artifacts" / "flamegraph-server.png"
+    shot.unlink(missing_ok=True)
+    frames = open_offline(job / "roles" / "server" / "flamegraph.html", tmp_path / "profile", shot)
+    assert len(frames) > 5 and any("run_role(" in name for name, _, _ in frames), [n for n, _, _ in frames]
+    frames_are_painted(shot, {fill for _, _, fill in frames})
 
 
 def test_exact_sweep_runs_four_profiled_jobs_and_paths_agree(tmp_path, tiny_data):
