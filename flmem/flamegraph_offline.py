@@ -17,6 +17,7 @@ import filecmp
 import os
 import re
 import shutil
+import sys
 import threading
 from html.parser import HTMLParser
 from pathlib import Path
@@ -157,3 +158,20 @@ def localize_flamegraph(html: Path) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         return f"{html}: could not make it readable offline: {exc}"
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flmem.flamegraph_offline HTML...``: make memray HTML files (rendered by hand, or by an
+    older flmem) readable offline, each with the assets in its job dir (or next to it). Exit 1 on any error."""
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m flmem.flamegraph_offline FLAMEGRAPH.html...", file=sys.stderr)
+        return 2
+    errors = [e for e in map(localize_flamegraph, map(Path, paths)) if e]
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

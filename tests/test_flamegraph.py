@@ -4,6 +4,7 @@ that cannot reach any network."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -129,6 +130,21 @@ def test_unknown_external_resources_are_reported_and_the_html_left_alone(tmp_pat
     assert list((tmp_path / "job" / JOB_ASSETS / package).glob("LICEN[CS]E*"))
     assert (tmp_path / "job" / JOB_ASSETS / "README.md").exists()
     assert localize(page) == {}  # a second pass finds nothing left to do
+
+
+def test_command_makes_a_hand_rendered_flamegraph_offline(tmp_path):
+    cap = capture(tmp_path)
+    hand = tmp_path / "by-hand.html"
+    memray_cli = subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-o", str(hand), str(cap)],
+                                capture_output=True, text=True, timeout=300)
+    assert memray_cli.returncode == 0 and len(RESOURCE_URL.findall(hand.read_text())) == 9, memray_cli.stderr
+    missing = tmp_path / "missing.html"
+    proc = subprocess.run([sys.executable, "-m", "flmem.flamegraph_offline", str(hand), str(missing)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 1 and str(missing) in proc.stderr and str(hand) not in proc.stderr, proc.stderr
+    text = hand.read_text()
+    assert external_resources(text) == [] and f'src="{JOB_ASSETS}/d3@7.9.0/dist/d3.min.js"' in text
+    assert (tmp_path / JOB_ASSETS / "d3@7.9.0" / "dist" / "d3.min.js").is_file()
 
 
 # ------------------------------------------------------------------------------------- browser
