@@ -133,7 +133,8 @@ def localize(html: Path, assets_dir: Path | None = None) -> dict[str, str]:
     for url in found:
         rel = CDN_FILES[url]
         package = rel.split("/", 1)[0]
-        for src in [ASSETS / rel, *ASSETS.glob(f"{package}/LICEN[CS]E*"), ASSETS / "README.md"]:
+        licenses = [p for p in (ASSETS / package).iterdir() if p.name.lower().startswith(("license", "licence"))]
+        for src in [ASSETS / rel, *licenses, ASSETS / "README.md"]:
             _install(src, assets_dir / src.relative_to(ASSETS))
         links[url] = quote(Path(os.path.relpath(assets_dir / rel, html.parent)).as_posix(), safe="/@")
         # only inside src=/href= attributes: a URL quoted in a script's code stays as it is

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from browse_fixtures import chromium_argv, find_chromium
 from cdp import Page
@@ -26,8 +27,9 @@ def open_offline(html: Path, profile: Path, shot: Path | None = None) -> list[tu
     drawn its frames; check that every request was a local file and none failed, and no script error
     occurred. Returns each frame's (name, width in px, fill colour as ``rgb(r, g, b)``); saves a
     screenshot to ``shot``."""
-    argv = chromium_argv(browser_or_skip(), profile) + ["--window-size=1400,900"]
-    with Page(argv, html.as_uri()) as page:
+    argv = chromium_argv(browser_or_skip(), profile) + ["--window-size=1400,900", "--enable-logging=stderr", "--v=0"]
+    page = Page(argv, html.as_uri())
+    try:
         assert not page.failed, page.failed  # every script and stylesheet loads before the load event
         # d3-flame-graph animates the frames into place: wait until two looks 300 ms apart agree
         # (null after 60 s: a page that failed to load never draws any)
@@ -52,6 +54,9 @@ def open_offline(html: Path, profile: Path, shot: Path | None = None) -> list[tu
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(shot)
         requests, failed, errors = page.requests, page.failed, page.errors
+    finally:
+        log = page.close()
+    assert "net::ERR" not in log, log[-3000:]
     assert not failed, failed
     assert not errors, errors
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
@@ -61,12 +66,9 @@ def open_offline(html: Path, profile: Path, shot: Path | None = None) -> list[tu
     return [tuple(f) for f in frames]
 
 
-
 def frames_are_painted(shot: Path, fills: set[str]) -> None:
     """The screenshot shows the frames: many pixels near the (non-grey) fill colours the DOM gave them
     (near: d3-flame-graph paints them slightly transparent over the page)."""
-    from PIL import Image
-
     colours = [c for c in (tuple(int(v) for v in re.findall(r"\d+", f)[:3]) for f in fills) if max(c) - min(c) > 10]
     assert colours, fills
     with Image.open(shot) as im:

@@ -24,8 +24,6 @@ from browse_fixtures import REPO
 from flamegraph_browser import browser_or_skip, frames_are_painted, open_offline
 
 MEMRAY_TEMPLATES = Path(memray.__file__).parent / "reporters" / "templates"
-#: the frames of CAPTURE's allocations, as the flame graph names them
-FRAMES = ("client_update", "aggregate")
 CAPTURE = '''
 import sys
 import memray
@@ -70,7 +68,7 @@ def test_every_cdn_url_in_memray_templates_has_a_packaged_copy():
     assert len(found) >= 9  # bootstrap css+js, popper, jquery, lodash, plotly, d3, d3-scale-chromatic, d3-flame-graph
 
 
-def test_packaged_files_match_the_readme_and_carry_licenses():
+def test_packaged_files_match_the_readme_and_carry_licenses(tmp_path):
     readme = (ASSETS / "README.md").read_text()
     rows = re.findall(r"^\| ([\w.-]+) \| ([\d.]+) \| (\S+) \| [\w.-]+, `([^`]+)`(?: \(\*\))? \| ([0-9a-f]{64}) \|$",
                       readme, re.M)
@@ -84,6 +82,12 @@ def test_packaged_files_match_the_readme_and_carry_licenses():
         assert re.search(r"MIT|ISC|Apache License", (ASSETS / license_file).read_text()), license_file
     for url, rel in CDN_FILES.items():
         assert url.split("/")[-1] == rel.split("/")[-1], url  # the URL's file, not a look-alike
+    # each package's license travels with its file into a job directory (datatables' is License.txt)
+    page = tmp_path / "table.html"
+    page.write_text("".join(f'<script src="{url}"></script>' for url in CDN_FILES if "datatables" in url))
+    assert len(localize(page)) == 2
+    assert {p.name for p in (tmp_path / JOB_ASSETS).glob("datatables.net*/*") if p.is_file()} == \
+        {"License.txt", "LICENSE"}
 
 
 def test_a_wheel_carries_the_assets(tmp_path):
