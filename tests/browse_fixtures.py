@@ -164,3 +164,32 @@ def copy_job(src: Path, dst: Path, overrides: dict[str, str] | None = None) -> P
         result["overrides"] = kept + [f"{k}={v}" for k, v in overrides.items()]
         (dst / "result.json").write_text(json.dumps(result))
     return dst
+
+
+PHASE_KEYS = ("phases", "setup_peak_heap_bytes", "fl_peak_heap_bytes", "fl_start_heap_bytes", "fl_working_heap_bytes",
+              "fl_working_heap_in_M", "fl_peak_rss_bytes", "phase_peaks", "baseline_rss_bytes", "working_rss_bytes",
+              "rss_breakdown")
+
+
+def strip_phases(job_dir: Path) -> Path:
+    """Fixture helper: make a copied job look recorded before phases existed (no phase keys anywhere)."""
+    for name in ("summary.json", "markers.json"):
+        for path in job_dir.glob(f"roles/*/{name}"):
+            data = json.loads(path.read_text())
+            path.write_text(json.dumps({k: v for k, v in data.items() if k not in PHASE_KEYS}))
+    result = json.loads((job_dir / "result.json").read_text())
+    for summary in result.get("roles", {}).values():
+        for key in PHASE_KEYS:
+            summary.pop(key, None)
+    (job_dir / "result.json").write_text(json.dumps(result))
+    return job_dir
+
+
+def make_sweep(root: Path, jobs: list[tuple[Path, dict[str, str]]], task: list[str]) -> Path:
+    """Fixture helper: a sweep directory at ``root`` whose job ``i`` is a copy of ``jobs[i][0]`` with the
+    overrides ``jobs[i][1]``, and a multirun.yaml listing ``task`` as the sweep's overrides."""
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n" + "".join(f"    - {t}\n" for t in task))
+    for i, (src, overrides) in enumerate(jobs):
+        copy_job(src, root / str(i), overrides)
+    return root

@@ -28,7 +28,7 @@ from statistics import mean, median
 from typing import Callable
 
 from flmem.browse.model import BrowseError, Job, Sweep
-from flmem.browse.phases import phase_names, phase_value, stage_of
+from flmem.browse.phases import finite, phase_names, phase_value, stage_of
 from flmem.browse.tables import BOOL_ORDER
 
 #: (metric label, summary key, whether the baseline shift counts as noise) compared for each role, in bytes;
@@ -133,7 +133,7 @@ def _spread(xs: list) -> float:
 
 
 def _role_values(job: Job, key: str, clients: bool) -> list:
-    return [r.get(key) for r in job.roles.values() if r.is_client == clients and r.get(key) is not None]
+    return [v for r in job.roles.values() if r.is_client == clients and (v := finite(r.get(key))) is not None]
 
 
 def _getter(key: str, clients: bool, agg) -> Callable[[Job], float | None]:

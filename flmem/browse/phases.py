@@ -31,10 +31,11 @@ class Mark:
     end_ms: float
 
 
-def _finite(value) -> float | None:
+def finite(value) -> int | float | None:
+    """``value`` when it is an int or a finite float (not a bool), else None: numbers from disk are untrusted."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    return value if isinstance(value, int) or math.isfinite(value) else None
 
 
 def _name(value) -> str | None:
@@ -58,7 +59,7 @@ def marks(role: Role) -> tuple[list[Mark], int]:
         if not isinstance(e, dict):
             skipped += 1
             continue
-        name, start, end = _name(e.get("phase")), _finite(e.get("start_ms")), _finite(e.get("end_ms"))
+        name, start, end = _name(e.get("phase")), finite(e.get("start_ms")), finite(e.get("end_ms"))
         if name is None or start is None or end is None or end < start:
             skipped += 1
             continue
@@ -81,7 +82,7 @@ def summary_phases(role: Role) -> list[dict]:
             continue
         rec = {"phase": name, "stage": _stage(e.get("stage")), "exact": e.get("exact") is True}
         for key in ("count", "seconds", "peak_heap_bytes", "peak_rss_bytes", "samples"):
-            rec[key] = _finite(e.get(key))
+            rec[key] = finite(e.get(key))
         out.append(rec)
     return out
 
@@ -99,20 +100,23 @@ def exactness(summary: dict, exact: bool | None = None) -> str:
     if kind == "exact":
         return "exact"
     if kind == "sampled":
-        interval = _finite(summary.get("memory_interval_ms"))
+        interval = finite(summary.get("memory_interval_ms"))
         return f"sampled every {interval:g} ms" if interval else "sampled"
     return "-"
 
 
 def phase_names(jobs: list[Job]) -> list[str]:
-    """Every phase name of ``jobs``' roles, servers' first, in first-occurrence order."""
-    names: dict[str, None] = {}
+    """Every phase name of ``jobs``' roles by stage (setup, FL, teardown), then servers' first, then
+    in first-occurrence order."""
+    names: dict[str, str] = {}
     for clients in (False, True):
         for job in jobs:
             for role in job.roles.values():
                 if role.is_client == clients:
-                    names.update((p["phase"], None) for p in summary_phases(role))
-    return list(names)
+                    for p in summary_phases(role):
+                        names.setdefault(p["phase"], p["stage"])
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    return sorted(names, key=lambda n: order.get(names[n], len(STAGES)))
 
 
 def stage_of(jobs: list[Job], phase: str) -> str:
@@ -134,11 +138,11 @@ def phase_rows(job: Job) -> list[dict]:
         for p in phases:
             rows.append({**p, "role": role.name, "level": "phase", "peaks": exactness(s, p["exact"])})
         stage_rows = []
-        setup = _finite(s.get("setup_peak_heap_bytes"))
+        setup = finite(s.get("setup_peak_heap_bytes"))
         if setup is not None:
             stage_rows.append({"phase": "setup stage", "stage": "setup", "peak_heap_bytes": setup,
                                **_sums(phases, "setup")})
-        fl = {k: _finite(s.get(k)) for k in ("fl_peak_heap_bytes", "fl_start_heap_bytes", "fl_working_heap_bytes",
+        fl = {k: finite(s.get(k)) for k in ("fl_peak_heap_bytes", "fl_start_heap_bytes", "fl_working_heap_bytes",
                                               "fl_working_heap_in_M", "fl_peak_rss_bytes")}
         if any(v is not None for v in fl.values()):
             stage_rows.append({"phase": "FL stage", "stage": "fl", "peak_heap_bytes": fl["fl_peak_heap_bytes"],

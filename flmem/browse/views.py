@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flmem.browse.compare import Comparison
 from flmem.browse.model import Job, Sweep
-from flmem.browse.phases import exactness_notes, phase_rows
+from flmem.browse.phases import exactness_notes, finite, phase_rows
 from flmem.browse.render import View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
 
@@ -158,7 +158,8 @@ def run_view(job: Job, top: int = 5) -> View:
         s = r.summary
         capture = "ok" if r.capture_state == "ok" else f"{r.capture_state}: {r.capture_reason}"
         flame = short(r.flamegraph) if r.flamegraph else f"none ({r.flamegraph_reason})"
-        roles.append({**{c.key: s.get(c.key) for c in ROLE_COLUMNS}, "role": r.name, "capture": capture,
+        roles.append({**{c.key: s.get(c.key) if c.kind == "text" else finite(s.get(c.key)) for c in ROLE_COLUMNS},
+                      "role": r.name, "capture": capture,
                       "flamegraph": flame, "exit_code": s.get("exit_code", r.status.get("phase"))})
         for i, site in enumerate((s.get("top_sites") or [])[:top], 1):
             sites.append({**site, "role": r.name, "rank": i, "site": f"{site.get('file')}:{site.get('line')}"})
