@@ -1,4 +1,5 @@
-"""Charts for the report: peak memory per job and role, and memory over time per role.
+"""Charts for the report: peak memory per job and role, and memory over time per role with its
+phases shaded.
 
 Every chart is saved as PNG and SVG (for papers) under the report directory; the PNG bytes are
 also returned so the HTML can embed them and stay readable offline.

@@ -211,7 +211,8 @@ def _phase_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> lis
 
 
 def compare(sweep: Sweep, key: str, baseline: str | None = None, rel_noise: float = 0.01) -> Comparison:
-    """Pair the jobs of ``sweep`` that differ only in ``key``.
+    """Pair the jobs of ``sweep`` that differ only in ``key`` (and in ``repeat``, when the sweep varies
+    it: each side of a pair is then the group of its repeats, compared by medians).
 
     Raises BrowseError when ``key`` does not vary across the sweep (naming the keys that do), or
     when ``baseline`` is not one of its values.

@@ -17,7 +17,8 @@ ROLE_COLUMNS = [
     Column("working_heap_bytes", "working\nMiB", "bytes"), Column("working_heap_in_M", "working\n/ M", "ratio"),
     Column("fl_working_heap_bytes", "FL working\nMiB", "bytes"),
     Column("fl_working_heap_in_M", "FL working\n/ M", "ratio"),
-    Column("peak_rss_bytes", "peak RSS\nMiB", "bytes"), Column("working_rss_bytes", "working RSS\nMiB", "bytes"), Column("total_allocations", "allocations", "int"),
+    Column("peak_rss_bytes", "peak RSS\nMiB", "bytes"), Column("working_rss_bytes", "working RSS\nMiB", "bytes"),
+    Column("total_allocations", "allocations", "int"),
     Column("duration_s", "run time\ns", "seconds"), Column("capture", "capture", "text"),
     Column("flamegraph", "flamegraph", "text"),
 ]
