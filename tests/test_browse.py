@@ -467,6 +467,7 @@ def test_compare_fl_stage_and_per_phase(capsys, sweep, tmp_path):
     # FL phases of the before job are 6 MiB higher on top of the jobs' own difference; setup phases equal theirs
     train = phases[("clients (max)", "train")]
     assert train["before"] == max(before[c]["fl_peak_heap_bytes"] for c in ("client_0", "client_1"))
+    assert any(n.startswith("setup, FL and per-phase peaks: sampled every 10 ms") for n in data["notes"])
     # --filter phase=...: only that phase's rows; whole-run rows have no phase
     data = browse_json(capsys, root, "--compare", "optimize", "--filter", "phase=train")
     assert data["comparison"] == [] and [r["phase"] for r in data["phases"]] == ["train"]

@@ -180,4 +180,8 @@ def exactness_notes(job: Job) -> list[str]:
         elif kind != "-":
             notes.append(f"{who}: per-phase peaks {kind} (memray memory snapshots: a spike shorter than the "
                          "interval can be missed)")
+    missed = [f"{r.name} {p['phase']}" for r in job.roles.values() for p in summary_phases(r)
+              if p["peak_heap_bytes"] is None]
+    if missed:
+        notes.append("no snapshot fell inside (shorter than the interval), so no peak: " + ", ".join(missed))
     return notes

@@ -71,6 +71,8 @@ def cell(row: dict, col: Column) -> str:
         n, lo, hi = row.get(f"n_{col.key}"), row.get(f"{col.key}_min"), row.get(f"{col.key}_max")
         if isinstance(n, int) and n > 1 and lo is not None and hi is not None:
             text += f" ({fmt(lo, kind)}-{fmt(hi, kind)}, n={n})"
+        elif row.get("repeats") and n is not None:  # fewer repeats with a value than the sweep ran
+            text += f" (n={n})"
         return text
     if kind in ("row", "diff_row"):
         kind = row.get("kind", "text") if kind == "row" else "diff_" + row.get("kind", "text")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flmem.browse.compare import Comparison
 from flmem.browse.model import Job, Sweep
-from flmem.browse.phases import exactness_notes, finite, phase_rows
+from flmem.browse.phases import exactness, exactness_notes, finite, phase_rows, summary_phases
 from flmem.browse.render import View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
 
@@ -99,11 +99,11 @@ def sweep_view(sweep: Sweep, filters: list[str] = (), sort: str | None = None) -
                 {"dir": str(sweep.dir), "varying": sweep.varying})
 
 
-def _compare_dicts(rows, section: str) -> list[dict]:
+def _compare_dicts(rows, section: str, repeats: bool) -> list[dict]:
     out = []
     for r in rows:
         d = r.as_dict()
-        d["kind"], d["section"] = r.kind, section
+        d["kind"], d["section"], d["repeats"] = r.kind, section, repeats
         if r.within_noise:
             d["note"] = ("within noise (±" + ("%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else
                                               f"{r.noise:.3g}") + ")" + (f"; {r.note}" if r.note else ""))
@@ -115,7 +115,9 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
     """Two sections: ``comparison`` (per role and job: whole run, setup and FL stage) and ``phases``
     (each phase's peak heap, server and clients max). ``filters`` apply to both (``phase=train``
     keeps that phase's rows; whole-run rows have no phase)."""
-    rows = _compare_dicts(comparison.rows, "comparison") + _compare_dicts(comparison.phase_rows, "phases")
+    repeats = comparison.repeat_key is not None
+    rows = _compare_dicts(comparison.rows, "comparison", repeats) + \
+        _compare_dicts(comparison.phase_rows, "phases", repeats)
     if filters:
         rows = apply_filters(rows, list(filters), [])
     key, rk = comparison.key, comparison.repeat_key
@@ -128,13 +130,19 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
              "green: lower memory or time, red: higher; dim: within the measured noise",
              "setup peak heap: the highest heap while loading model and data; FL peak heap: the highest during the "
              "FL rounds; FL working memory = FL peak heap - heap when FL began (what FL adds over setup); "
-             "working RSS = peak RSS - RSS at the baseline mark; '-': not recorded (older runs)"]
+             "working RSS = peak RSS - RSS at the baseline mark; '-': not recorded (older runs), or a phase "
+             "shorter than the snapshot interval that no snapshot fell in (sampled peaks)"]
     if rk:
         notes.append(f"before and after are medians over the jobs that differ only in {rk} (shown as median "
                      f"(min-max, n=repeats)); the spread across repeats counts as measured noise")
     notes += [f"unpaired: {u}" for u in comparison.unpaired]
     if not comparison.pairs:
         notes.append(f"no pair of jobs differs only in {key}" + (f" (and {rk})" if rk else ""))
+    kinds = sorted({exactness(r.summary) for _, a, b in comparison.groups for j in a + b for r in j.roles.values()
+                    if summary_phases(r)} - {"-"})
+    if kinds:
+        notes.append(f"setup, FL and per-phase peaks: {' / '.join(kinds)} (exact: all_allocations capture, memray's "
+                     "high-water mark of each interval; sampled: memory snapshots, a shorter spike can be missed)")
     if comparison.pairs and not comparison.phase_rows:
         notes.append("per phase: no phase recorded in these jobs (recorded before phases were marked)")
     n = len(comparison.pairs)
