@@ -19,8 +19,9 @@ from flmem.browse.discover import load_job, load_sweep
 from flmem.browse.model import parse_overrides
 from flmem.browse.render import fmt
 
-from browse_fixtures import (REPO, chromium_argv, completed_job, find_chromium,  # noqa: F401 (fixtures)
-                             damaged_run, outputs, sweep, sweep_log, unfinished_runs)
+from browse_fixtures import (REPO, add_phases, chromium_argv, completed_job, copy_job,  # noqa: F401 (fixtures)
+                             damaged_run, find_chromium, make_sweep, outputs, strip_phases, sweep, sweep_log,
+                             unfinished_runs)
 
 MiB = 2**20
 slow = pytest.mark.slow
@@ -341,3 +342,232 @@ def _charts_are_not_blank(folder: Path, pattern: str = "*.png") -> None:
     for png in folder.glob(pattern):
         pixels = matplotlib.image.imread(png)
         assert pixels.std() > 0.01, f"{png} is blank"
+
+
+# ------------------------------------------------------------------------------ phases and stages
+def _by(rows, *keys):
+    return {tuple(r[k] for k in keys): r for r in rows}
+
+
+@slow
+def test_run_view_per_phase_and_stage_rows(capsys, sweep, tmp_path):
+    job = copy_job(completed_job(sweep, "true"), tmp_path / "run")
+    written = add_phases(job)
+    data = browse_json(capsys, job)
+    rows = _by(data["phases"], "role", "phase")
+    assert {r for r, _ in rows} == {"server", "client_0", "client_1"}
+    for role, numbers in written.items():
+        for p in numbers["phases"]:
+            row = rows[(role, p["phase"])]
+            assert (row["stage"], row["count"], row["seconds"]) == (p["stage"], p["count"], p["seconds"])
+            assert (row["peak_heap_bytes"], row["peak_rss_bytes"]) == (p["peak_heap_bytes"], p["peak_rss_bytes"])
+            assert row["peaks"] == "sampled every 10 ms" and row["level"] == "phase"
+        fl = rows[(role, "FL stage")]
+        assert (fl["level"], fl["stage"]) == ("stage", "fl")
+        assert fl["peak_heap_bytes"] == numbers["fl_peak_heap_bytes"]
+        assert fl["start_heap_bytes"] == numbers["fl_start_heap_bytes"]
+        assert fl["adds_bytes"] == numbers["fl_working_heap_bytes"] == fl["peak_heap_bytes"] - fl["start_heap_bytes"]
+        assert fl["adds_in_M"] == pytest.approx(numbers["fl_working_heap_in_M"])
+        assert fl["count"] == sum(p["count"] for p in numbers["phases"] if p["stage"] == "fl")
+        assert rows[(role, "setup stage")]["peak_heap_bytes"] == numbers["setup_peak_heap_bytes"]
+    # phases in first-occurrence order per role, the role's stage rows after them
+    assert [r["phase"] for r in data["phases"] if r["role"] == "client_0"] == \
+        ["model", "data", "connect", "fetch", "train", "push", "setup stage", "FL stage"]
+    roles = _by(data["roles"], "role")
+    for role, numbers in written.items():
+        assert roles[(role,)]["fl_working_heap_bytes"] == numbers["fl_working_heap_bytes"]
+        assert roles[(role,)]["fl_working_heap_in_M"] == pytest.approx(numbers["fl_working_heap_in_M"])
+        assert roles[(role,)]["working_rss_bytes"] == numbers["working_rss_bytes"]
+    assert any("server, client_0, client_1: per-phase peaks sampled every 10 ms" in n for n in data["notes"])
+    code, out, _ = browse(capsys, job)
+    assert code == 0 and "per phase" in out and "FL stage" in out and "serve final" in out
+    assert f"{written['client_0']['fl_working_heap_bytes'] / MiB:,.1f}" in out
+    # an exact capture says so, per phase and in the notes
+    summary_path = job / "roles" / "server" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["phase_peaks"] = "exact"
+    summary["phases"][0]["exact"] = True
+    summary_path.write_text(json.dumps(summary))
+    data = browse_json(capsys, job)
+    rows = _by(data["phases"], "role", "phase")
+    assert rows[("server", "model")]["peaks"] == "exact" and rows[("server", "data")]["peaks"].startswith("sampled")
+    assert any(n.startswith("server: per-phase peak heap exact") for n in data["notes"])
+
+
+@slow
+def test_runs_without_phases_still_display(capsys, sweep, tmp_path):
+    job = strip_phases(copy_job(completed_job(sweep, "true"), tmp_path / "old"))
+    data = browse_json(capsys, job)
+    assert data["phases"] == [] and all(r["fl_working_heap_bytes"] is None for r in data["roles"])
+    assert any("no per-phase numbers" in n for n in data["notes"])
+    code, out, _ = browse(capsys, job)
+    assert code == 0 and "FL working" in out
+    # hostile phase records are skipped, never raised on
+    summary_path = job / "roles" / "server" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["phases"] = ["x", {"phase": 3}, {"phase": "train", "peak_heap_bytes": "lots", "count": float("nan")}]
+    summary["fl_working_heap_bytes"] = "many"
+    summary_path.write_text(json.dumps(summary))
+    markers_path = job / "roles" / "server" / "markers.json"
+    markers = json.loads(markers_path.read_text())
+    markers["phases"] = [1, {"phase": "train", "start_ms": "soon", "end_ms": 2}, {"phase": "x", "start_ms": 5}]
+    markers_path.write_text(json.dumps(markers))
+    rows = browse_json(capsys, job)["phases"]
+    assert [(r["phase"], r["peak_heap_bytes"], r["count"]) for r in rows] == [("train", None, None)]
+    from flmem.browse.charts import memory_over_time_chart
+
+    chart = memory_over_time_chart("old", "old run", [("old", load_job(job))], tmp_path / "charts")
+    assert "3 malformed phase marks" in " ".join(chart.notes) and "no bands" in " ".join(chart.notes)
+    assert chart.png.stat().st_size > 1000
+
+
+def _phase_sweep(sweep: Path, root: Path, extra: dict[str, list[int]]) -> tuple[Path, dict]:
+    """A sweep at ``root``: for optimize in false/true, one job per entry of ``extra[optimize]``
+    (repeat=0,1,.. when there are several), each with phases whose FL peaks are that many MiB higher."""
+    jobs, written = [], {}
+    for optimize, extras in extra.items():
+        for r, _ in enumerate(extras):
+            jobs.append((completed_job(sweep, optimize), {"repeat": str(r)} if len(extras) > 1 else {}))
+    task = ["optimize=true,false"] + ([f"repeat={','.join(map(str, range(len(next(iter(extra.values()))))))}"]
+                                      if len(next(iter(extra.values()))) > 1 else [])
+    make_sweep(root, jobs, task)
+    i = 0
+    for optimize, extras in extra.items():
+        for e in extras:
+            written[(optimize, i)] = add_phases(root / str(i), fl_extra=e * MiB)
+            i += 1
+    return root, written
+
+
+@slow
+def test_compare_fl_stage_and_per_phase(capsys, sweep, tmp_path):
+    root, written = _phase_sweep(sweep, tmp_path / "sw", {"false": [6], "true": [0]})
+    before, after = written[("false", 0)], written[("true", 1)]
+    data = browse_json(capsys, root, "--compare", "optimize")
+    rows = _by(data["comparison"], "role", "metric")
+    for metric, key in (("FL peak heap", "fl_peak_heap_bytes"), ("FL working memory", "fl_working_heap_bytes"),
+                        ("setup peak heap", "setup_peak_heap_bytes"), ("working RSS", "working_rss_bytes")):
+        r = rows[("server", metric)]
+        assert (r["before"], r["after"]) == (before["server"][key], after["server"][key])
+        assert r["diff"] == after["server"][key] - before["server"][key]
+        assert r["ratio"] == pytest.approx(after["server"][key] / before["server"][key])
+        assert r["phase"] is None and r["n"] == 1
+        c = rows[("clients (max)", metric)]
+        assert c["after"] == max(after[k][key] for k in after if k.startswith("client"))
+    phases = _by(data["phases"], "role", "phase")
+    assert ("server", "train") not in phases and ("clients (max)", "aggregate") not in phases
+    for (role, phase), r in phases.items():
+        b = max(p["peak_heap_bytes"] for k, s in before.items() if (k == "server") == (role == "server")
+                for p in s["phases"] if p["phase"] == phase)
+        a = max(p["peak_heap_bytes"] for k, s in after.items() if (k == "server") == (role == "server")
+                for p in s["phases"] if p["phase"] == phase)
+        assert (r["metric"], r["before"], r["after"], r["diff"]) == ("peak heap", b, a, a - b), (role, phase)
+        assert r["ratio"] == pytest.approx(a / b) and r["stage"] == next(
+            p["stage"] for p in before["server"]["phases"] + before["client_0"]["phases"] if p["phase"] == phase)
+    # FL phases of the before job are 6 MiB higher on top of the jobs' own difference; setup phases equal theirs
+    train = phases[("clients (max)", "train")]
+    assert train["before"] == max(before[c]["fl_peak_heap_bytes"] for c in ("client_0", "client_1"))
+    assert any(n.startswith("setup, FL and per-phase peaks: sampled every 10 ms") for n in data["notes"])
+    # --filter phase=...: only that phase's rows; whole-run rows have no phase
+    data = browse_json(capsys, root, "--compare", "optimize", "--filter", "phase=train")
+    assert data["comparison"] == [] and [r["phase"] for r in data["phases"]] == ["train"]
+    data = browse_json(capsys, root, "--compare", "optimize", "--filter", "role=server", "--filter", "phase=-")
+    assert {r["metric"] for r in data["comparison"]} >= {"FL peak heap", "setup peak heap"} and data["phases"] == []
+    # csv: the comparison rows, then the per-phase rows, raw bytes
+    code, out, _ = browse(capsys, root, "--compare", "optimize", "--format", "csv")
+    csv_rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and {"phase", "before_min", "after_max", "n"} <= set(csv_rows[0])
+    train_csv = next(r for r in csv_rows if r["phase"] == "train")
+    assert int(train_csv["before"]) == train["before"] and train_csv["n"] == "1"
+    code, out, _ = browse(capsys, root, "--compare", "optimize")
+    assert code == 0 and "FL working memory" in out and "per phase" in out and "serve final" in out
+    # the sweep view: FL working memory for scripts to sort by
+    jobs = browse_json(capsys, root, "--sort=-server_fl_working_bytes")["jobs"]
+    assert [j["server_fl_working_bytes"] for j in jobs] == sorted(
+        [before["server"]["fl_working_heap_bytes"], after["server"]["fl_working_heap_bytes"]], reverse=True)
+    assert jobs[0]["clients_fl_working_max_bytes"] == max(
+        written[k][c]["fl_working_heap_bytes"] for k in written if k[1] == int(jobs[0]["job"])
+        for c in ("client_0", "client_1"))
+    code, out, _ = browse(capsys, root, "--format", "csv")
+    assert "server_fl_working_bytes" in out.splitlines()[0] and "clients_fl_working_max_bytes" in out.splitlines()[0]
+
+
+@slow
+def test_compare_medians_and_ranges_over_repeats(capsys, sweep, tmp_path):
+    # before: FL peaks +0, +40, +20 MiB over three repeats (spread 40 MiB); after: +20 MiB each time
+    root, written = _phase_sweep(sweep, tmp_path / "sw", {"false": [0, 40, 20], "true": [20, 20, 20]})
+    data = browse_json(capsys, root, "--compare", "optimize")
+    assert data["repeat_key"] == "repeat" and len(data["pairs"]) == 1
+    assert data["pairs"][0]["before_jobs"] == ["0", "1", "2"] and data["pairs"][0]["after_jobs"] == ["3", "4", "5"]
+    rows = _by(data["comparison"], "role", "metric")
+    r = rows[("server", "FL peak heap")]
+    befores = sorted(written[("false", i)]["server"]["fl_peak_heap_bytes"] for i in range(3))
+    afters = sorted(written[("true", i)]["server"]["fl_peak_heap_bytes"] for i in range(3, 6))
+    assert (r["before"], r["before_min"], r["before_max"]) == (befores[1], befores[0], befores[2])
+    assert (r["after"], r["after_min"], r["after_max"]) == (afters[1], afters[0], afters[2])
+    assert (r["n"], r["n_before"], r["n_after"]) == (3, 3, 3)
+    # the spread across repeats (40 MiB) is the measured noise: a difference of a few MiB is within it
+    assert r["noise"] == befores[2] - befores[0] == 40 * MiB
+    assert r["within_noise"] is True and abs(r["diff"]) < 40 * MiB
+    phase = _by(data["phases"], "role", "phase")[("server", "aggregate")]
+    assert phase["n"] == 3 and phase["noise"] >= 40 * MiB and phase["within_noise"] is True
+    setup = rows[("server", "setup peak heap")]  # same in every repeat: no spread, not within a 40 MiB noise
+    assert setup["before_min"] == setup["before_max"] and setup["noise"] < 5 * MiB
+    # people see the median, the range and n
+    code, out, _ = browse(capsys, root, "--compare", "optimize", "--filter", "metric=FL peak heap",
+                          "--filter", "role=server")
+    assert code == 0
+    text = " ".join(out.split())
+    assert f"{befores[1] / MiB:,.1f} ({befores[0] / MiB:,.1f}-{befores[2] / MiB:,.1f}, n=3)" in text
+    assert "medians over repeat" in text
+    # comparing repeat itself: plain pairs, no medians
+    data = browse_json(capsys, root, "--compare", "repeat", "--filter", "role=server")
+    assert data["repeat_key"] is None and all(r["n"] in (0, 1) for r in data["comparison"])
+    # the sweep summary written by the Hydra callback carries the medians too
+    from flmem.callbacks import write_summary
+
+    summary = write_summary(root)
+    row = next(x for x in summary["comparison"]["rows"] if (x["role"], x["metric"]) == ("server", "FL peak heap"))
+    assert (row["before"], row["before_min"], row["before_max"], row["n"]) == (befores[1], befores[0], befores[2], 3)
+    assert summary["comparison"]["phase_rows"] and summary["comparison"]["repeat_key"] == "repeat"
+    md = (root / "summary.md").read_text()
+    assert f"({befores[0] / MiB:,.1f}-{befores[2] / MiB:,.1f}, n=3)" in md and "per phase" in md
+
+
+@slow
+def test_phase_bands_and_per_phase_tables_in_the_report(sweep, tmp_path):
+    from flmem.browse.charts import memory_over_time_chart
+    from flmem.browse.html import write_run_report, write_sweep_report
+
+    job_dir = copy_job(completed_job(sweep, "true"), tmp_path / "run")
+    add_phases(job_dir)
+    summary_path = job_dir / "roles" / "client_0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["phases"][0]["phase"] = "<b>evil</b> & $x$"
+    summary_path.write_text(json.dumps(summary))
+    markers_path = job_dir / "roles" / "client_0" / "markers.json"
+    markers = json.loads(markers_path.read_text())
+    markers["phases"][0]["phase"] = "<b>evil</b> & $x$"
+    markers_path.write_text(json.dumps(markers))
+    job = load_job(job_dir)
+    chart = memory_over_time_chart("bands", "with phases", [("optimize=True", job)], tmp_path / "charts")
+    svg = chart.svg.read_text()
+    for name in ("model", "connect", "receive", "aggregate", "serve final", "save", "fetch", "train", "push",
+                 "phases"):
+        assert f">{name}<" in svg, name
+    assert "&lt;b&gt;evil&lt;/b&gt; &amp;" in svg and not chart.notes
+    report = write_run_report(job).read_text()
+    assert 'data-section="phases"' in report and "FL stage" in report and "serve final" in report
+    assert "&lt;b&gt;evil&lt;/b&gt; &amp;amp;" not in report and "&lt;b&gt;evil&lt;/b&gt; &amp; $x$" in report
+    assert "<b>evil" not in report
+    # a job without phases still renders, without bands
+    old = strip_phases(copy_job(completed_job(sweep, "false"), tmp_path / "old"))
+    chart = memory_over_time_chart("plain", "without phases", [("old", load_job(old))], tmp_path / "charts")
+    assert ">serve final<" not in chart.svg.read_text() and "no bands" in " ".join(chart.notes)
+    assert 'data-section="phases"' in write_run_report(load_job(old)).read_text()
+    # a sweep report: the per-phase comparison table and the overlaid charts with both sides' bands
+    root, _ = _phase_sweep(sweep, tmp_path / "sw", {"false": [6], "true": [0]})
+    text = write_sweep_report(load_sweep(root), "optimize").read_text()
+    assert text.count('data-section="phases"') == 3  # the comparison's and each job's
+    svg = (root / "report" / "memory_over_time_0.svg").read_text()
+    assert ">train<" in svg and "bottom: optimize=False" in svg

@@ -70,12 +70,14 @@ def check_capture(capture: Path, summary: dict) -> tuple[str, str | None]:
 
 @dataclass
 class Series:
-    """Memory over time of one role: seconds since its first snapshot, heap and RSS in bytes."""
+    """Memory over time of one role: seconds since ``t0_ms`` (epoch ms: its first snapshot unless
+    given), heap and RSS in bytes."""
 
     t_s: list[float]
     heap: list[int]
     rss: list[int]
     error: str | None = None
+    t0_ms: float | None = None
 
 
 def memory_over_time(capture: Path, max_points: int = 2000, heap_offset: int = 0,
@@ -105,4 +107,4 @@ def memory_over_time(capture: Path, max_points: int = 2000, heap_offset: int = 0
     picked = [max(snaps[i:i + step], key=lambda s: s.heap) for i in range(0, len(snaps), step)]
     t0 = snaps[0].time if t0_ms is None else t0_ms
     return Series([(s.time - t0) / 1000 for s in picked], [int(s.heap) + heap_offset for s in picked],
-                  [int(s.rss) for s in picked])
+                  [int(s.rss) for s in picked], t0_ms=float(t0))

@@ -20,7 +20,8 @@ from flmem.browse.views import compare_view, listing_view, run_view, short, swee
 EPILOG = """examples:
   flmem browse                              sweeps and runs under ./outputs, newest first
   flmem browse latest                       the newest sweep: one row per job
-  flmem browse latest --compare optimize    original vs optimized, per role
+  flmem browse latest --compare optimize    original vs optimized, per role, stage and phase
+                                            (medians over repeats when the sweep varies repeat)
   flmem browse latest --filter dataset=cifar --sort=-server_peak_heap_bytes
   flmem browse outputs/multirun/<ts>/0      one job: per role, top allocation sites, per round
   flmem browse latest --format csv > jobs.csv
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="outputs", type=Path,
                         help="where the sweeps (multirun/) and runs (runs/) are (default: ./outputs)")
     parser.add_argument("--compare", metavar="KEY", help="pair jobs that differ only in override KEY "
-                        "(e.g. optimize) and show before, after, difference and ratio per role")
+                        "(e.g. optimize) and show before, after, difference and ratio per role and per phase "
+                        "(medians over the repeats when the sweep varies repeat)")
     parser.add_argument("--baseline", metavar="VALUE", help="the value of KEY used as 'before' "
                         "(default: false for booleans, else the sweep's first value)")
     parser.add_argument("--noise", type=float, default=1.0, metavar="PCT",

@@ -1,36 +1,54 @@
-"""``--compare KEY``: pair the jobs that differ only in KEY and compare them role by role.
+"""``--compare KEY``: pair the jobs that differ only in KEY and compare them role by role and phase by phase.
 
 For each pair the *before* job has the baseline value of KEY (``false`` for a boolean such as
 ``optimize``, else the first value the sweep gave) and the *after* job another value. Each row
-holds before, after, the difference (after - before) and the ratio (after / before).
+holds before, after, the difference (after - before) and the ratio (after / before). A second
+list of rows compares each phase's peak heap (server, clients max), from the roles' ``summary.json``.
+
+Repeats. When the sweep also varies ``repeat`` (a key that changes nothing, swept to repeat jobs)
+and KEY is not ``repeat``, the jobs that differ only in ``repeat`` and KEY form one group: before
+and after are the *median* over the repeats of each side, and each row carries the range (min,
+max) and the number of repeats behind each side.
 
 Noise. A difference is marked *within noise* when it is no larger than the noise measured in
-the same pair of jobs, the largest of:
+the same jobs, the largest of:
 
-* the spread (max - min) of the metric across the clients of either job: clients run the same
-  code on same-sized data, so their spread is run-to-run variation (client rows only);
-* for heap metrics, the shift of the baseline heap between the two jobs (same imports, no model
-  yet: any change is measurement noise);
+* the spread (max - min) of the metric across the repeats of either side;
+* the spread of the metric across the clients of any job: clients run the same code on
+  same-sized data, so their spread is run-to-run variation (client rows only);
+* for absolute heap metrics, the shift of the mean baseline heap between the two sides (same
+  imports, no model yet: any change is measurement noise);
 * a floor: ``rel_noise`` (default 1 %) of the larger value for memory, 5 % for run time, and
   0.01 for accuracy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from statistics import mean
+from statistics import mean, median
+from typing import Callable
 
 from flmem.browse.model import BrowseError, Job, Sweep
+from flmem.browse.phases import finite, phase_names, phase_value, stage_of
 from flmem.browse.tables import BOOL_ORDER
 
-#: (metric label, summary key, kind) compared for each role
-ROLE_METRICS = [("peak heap", "peak_heap_bytes", "bytes"), ("working memory", "working_heap_bytes", "bytes"),
-                ("peak RSS", "peak_rss_bytes", "bytes")]
+#: (metric label, summary key, whether the baseline shift counts as noise) compared for each role, in bytes;
+#: the setup / FL split says what each memory path saves in FL separately from loading model and data
+ROLE_METRICS = [("peak heap", "peak_heap_bytes", True), ("working memory", "working_heap_bytes", True),
+                ("peak RSS", "peak_rss_bytes", False), ("setup peak heap", "setup_peak_heap_bytes", True),
+                ("FL peak heap", "fl_peak_heap_bytes", True), ("FL working memory", "fl_working_heap_bytes", False),
+                ("working RSS", "working_rss_bytes", False)]
+ROLE_AGGS = (("server", False, None), ("clients (max)", True, max), ("clients (mean)", True, mean))
+PHASE_AGGS = ROLE_AGGS[:2]
+REPEAT_KEY = "repeat"
 TIME_FLOOR, ACCURACY_FLOOR = 0.05, 0.01
 
 
 @dataclass
 class CompareRow:
-    """One metric of one role in one pair; memory in bytes, time in seconds."""
+    """One metric of one role in one pair (or group of repeats); memory in bytes, time in seconds.
+
+    ``before``/``after``: the value of each side, the median over its repeats; ``*_range``: (min, max)
+    over the repeats; ``n_before``/``n_after``: repeats with a value. ``phase``: None for whole-job rows."""
 
     group: str
     role: str
@@ -40,6 +58,12 @@ class CompareRow:
     after: float | None
     noise: float | None
     note: str = ""
+    phase: str | None = None
+    stage: str | None = None
+    before_range: tuple | None = None
+    after_range: tuple | None = None
+    n_before: int = 1
+    n_after: int = 1
 
     @property
     def diff(self) -> float | None:
@@ -54,9 +78,13 @@ class CompareRow:
         return None if self.diff is None or self.noise is None else abs(self.diff) <= self.noise
 
     def as_dict(self) -> dict:
-        return {"group": self.group, "role": self.role, "metric": self.metric, "unit": _UNIT[self.kind],
-                "before": self.before, "after": self.after, "diff": self.diff, "ratio": self.ratio,
-                "noise": self.noise, "within_noise": self.within_noise, "note": self.note}
+        lo_a, hi_a = self.before_range or (None, None)
+        lo_b, hi_b = self.after_range or (None, None)
+        return {"group": self.group, "role": self.role, "phase": self.phase, "stage": self.stage,
+                "metric": self.metric, "unit": _UNIT[self.kind], "before": self.before, "after": self.after,
+                "diff": self.diff, "ratio": self.ratio, "noise": self.noise, "within_noise": self.within_noise,
+                "note": self.note, "before_min": lo_a, "before_max": hi_a, "after_min": lo_b, "after_max": hi_b,
+                "n": min(self.n_before, self.n_after), "n_before": self.n_before, "n_after": self.n_after}
 
 
 _UNIT = {"bytes": "bytes", "seconds": "s", "accuracy": "fraction", "text": None}
@@ -64,17 +92,27 @@ _UNIT = {"bytes": "bytes", "seconds": "s", "accuracy": "fraction", "text": None}
 
 @dataclass
 class Comparison:
+    """``pairs``: (group, first before job, first after job) per group, for charts; ``groups``: every
+    job of each side (several when the sweep varies ``repeat``); ``repeat_key``: ``repeat`` or None."""
+
     key: str
     before_value: str
     after_values: list[str]
     pairs: list[tuple[str, Job, Job]]
     rows: list[CompareRow]
     unpaired: list[str] = field(default_factory=list)
+    phase_rows: list[CompareRow] = field(default_factory=list)
+    groups: list[tuple[str, list[Job], list[Job]]] = field(default_factory=list)
+    repeat_key: str | None = None
 
     def as_dict(self) -> dict:
         return {"key": self.key, "before": self.before_value, "after": self.after_values,
-                "pairs": [{"group": g, "before_job": str(a.dir), "after_job": str(b.dir)} for g, a, b in self.pairs],
-                "rows": [r.as_dict() for r in self.rows], "unpaired": self.unpaired}
+                "repeat_key": self.repeat_key,
+                "pairs": [{"group": g, "before_job": str(a[0].dir), "after_job": str(b[0].dir),
+                           "before_jobs": [str(j.dir) for j in a], "after_jobs": [str(j.dir) for j in b]}
+                          for g, a, b in self.groups],
+                "rows": [r.as_dict() for r in self.rows], "phase_rows": [r.as_dict() for r in self.phase_rows],
+                "unpaired": self.unpaired}
 
 
 def _ordered_values(sweep: Sweep, key: str) -> list[str]:
@@ -95,38 +133,86 @@ def _spread(xs: list) -> float:
 
 
 def _role_values(job: Job, key: str, clients: bool) -> list:
-    return [r.get(key) for r in job.roles.values() if r.is_client == clients and r.get(key) is not None]
+    return [v for r in job.roles.values() if r.is_client == clients and (v := finite(r.get(key))) is not None]
 
 
-def _pair_rows(group: str, a: Job, b: Job, rel_noise: float) -> list[CompareRow]:
+def _getter(key: str, clients: bool, agg) -> Callable[[Job], float | None]:
+    """job -> the server's ``key``, or ``agg`` over the clients' (None when no role has it)."""
+    def get(job: Job):
+        vals = _role_values(job, key, clients)
+        return (vals[0] if vals else None) if agg is None else (agg(vals) if vals else None)
+    return get
+
+
+def _phase_getter(phase: str, clients: bool, agg) -> Callable[[Job], float | None]:
+    def get(job: Job):
+        vals = [v for r in job.roles.values() if r.is_client == clients
+                and (v := phase_value(r, phase)) is not None]
+        return (vals[0] if vals else None) if agg is None else (agg(vals) if vals else None)
+    return get
+
+
+def _client_spread(jobs: list[Job], values: Callable[[Job], list]) -> float:
+    return max((_spread(values(j)) for j in jobs), default=0.0)
+
+
+def _baseline_shift(a: list[Job], b: list[Job], clients: bool) -> float:
+    base_a = [v for j in a for v in _role_values(j, "baseline_heap_bytes", clients)]
+    base_b = [v for j in b for v in _role_values(j, "baseline_heap_bytes", clients)]
+    return abs(mean(base_a) - mean(base_b)) if base_a and base_b else 0.0
+
+
+def _row(group: str, role: str, metric: str, kind: str, a: list[Job], b: list[Job], get, floor: float,
+         extra_noise: float = 0.0, **fields) -> CompareRow:
+    """The medians of ``get`` over the jobs of each side, their ranges, and the noise (the spread
+    across repeats, ``extra_noise``, and ``floor`` times the larger value, or ``floor`` itself for accuracy)."""
+    va, vb = [v for j in a if (v := get(j)) is not None], [v for j in b if (v := get(j)) is not None]
+    before, after = (median(va) if va else None), (median(vb) if vb else None)
+    noise = None
+    if before is not None and after is not None:
+        scaled = floor if kind == "accuracy" else floor * max(abs(before), abs(after))
+        noise = max(_spread(va), _spread(vb), extra_noise, scaled)
+    return CompareRow(group, role, metric, kind, before, after, noise, before_range=(min(va), max(va)) if va else None,
+                      after_range=(min(vb), max(vb)) if vb else None, n_before=len(va), n_after=len(vb), **fields)
+
+
+def _pair_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list[CompareRow]:
     rows: list[CompareRow] = []
     note = "; ".join(f"{side} job {j.name} {j.status}" + (f" ({j.failure_text})" if j.failure else "")
-                     for side, j in (("before", a), ("after", b)) if j.status != "completed")
-    if not a.roles and not b.roles:  # neither job started a role (config failure): one row says why
-        return [CompareRow(group, "job", "status", "text", None, None, None, note)]
-    for role, clients, agg in (("server", False, None), ("clients (max)", True, max), ("clients (mean)", True, mean)):
-        for metric, key, kind in ROLE_METRICS:
-            va, vb = _role_values(a, key, clients), _role_values(b, key, clients)
-            before = (va[0] if va else None) if agg is None else (agg(va) if va else None)
-            after = (vb[0] if vb else None) if agg is None else (agg(vb) if vb else None)
-            noise = None
-            if before is not None and after is not None:
-                base_a, base_b = (_role_values(j, "baseline_heap_bytes", clients) for j in (a, b))
-                shift = abs(mean(base_a) - mean(base_b)) if key != "peak_rss_bytes" and base_a and base_b else 0
-                spread = max(_spread(va), _spread(vb)) if clients else 0
-                noise = max(spread, shift, rel_noise * max(abs(before), abs(after)))
-            rows.append(CompareRow(group, role, metric, kind, before, after, noise, "" if rows else note))
-    da, db = a.duration_s, b.duration_s
-    rows.append(CompareRow(group, "job", "run time", "seconds", da, db,
-                           None if da is None or db is None else TIME_FLOOR * max(da, db)))
-    acc_a, acc_b = a.final_accuracy, b.final_accuracy
-    rows.append(CompareRow(group, "job", "final accuracy", "accuracy", acc_a, acc_b,
-                           None if acc_a is None or acc_b is None else ACCURACY_FLOOR))
+                     for side, jobs in (("before", a), ("after", b)) for j in jobs if j.status != "completed")
+    if not any(j.roles for j in a + b):  # no job started a role (config failure): one row says why
+        return [CompareRow(group, "job", "status", "text", None, None, None, note, n_before=0, n_after=0)]
+    for role, clients, agg in ROLE_AGGS:
+        shift = _baseline_shift(a, b, clients)
+        for metric, key, heap in ROLE_METRICS:
+            spread = _client_spread(a + b, lambda j, key=key: _role_values(j, key, True)) if clients else 0.0
+            rows.append(_row(group, role, metric, "bytes", a, b, _getter(key, clients, agg), rel_noise,
+                             max(spread, shift if heap else 0.0), note="" if rows else note))
+    rows.append(_row(group, "job", "run time", "seconds", a, b, lambda j: j.duration_s, TIME_FLOOR))
+    rows.append(_row(group, "job", "final accuracy", "accuracy", a, b, lambda j: j.final_accuracy, ACCURACY_FLOOR))
+    return rows
+
+
+def _phase_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list[CompareRow]:
+    """Each phase's peak heap (baseline included) for the server and the clients (max); phases a
+    role did not record on either side give no row."""
+    rows = []
+    for phase in phase_names(a + b):
+        stage = stage_of(a + b, phase)
+        for role, clients, agg in PHASE_AGGS:
+            spread = _client_spread(a + b, lambda j: [v for r in j.roles.values() if r.is_client
+                                                      and (v := phase_value(r, phase)) is not None]) \
+                if clients else 0.0
+            row = _row(group, role, "peak heap", "bytes", a, b, _phase_getter(phase, clients, agg), rel_noise,
+                       max(spread, _baseline_shift(a, b, clients)), phase=phase, stage=stage)
+            if row.n_before or row.n_after:
+                rows.append(row)
     return rows
 
 
 def compare(sweep: Sweep, key: str, baseline: str | None = None, rel_noise: float = 0.01) -> Comparison:
-    """Pair the jobs of ``sweep`` that differ only in ``key``.
+    """Pair the jobs of ``sweep`` that differ only in ``key`` (and in ``repeat``, when the sweep varies
+    it: each side of a pair is then the group of its repeats, compared by medians).
 
     Raises BrowseError when ``key`` does not vary across the sweep (naming the keys that do), or
     when ``baseline`` is not one of its values.
@@ -143,25 +229,28 @@ def compare(sweep: Sweep, key: str, baseline: str | None = None, rel_noise: floa
         values.remove(match[0])
         values.insert(0, match[0])
     before_value, after_values = values[0], values[1:]
-    groups: dict[tuple, dict[str, Job]] = {}
+    repeat_key = REPEAT_KEY if key != REPEAT_KEY and REPEAT_KEY in varying else None
+    groups: dict[tuple, dict[str, list[Job]]] = {}
     for job in sweep.jobs:
-        rest = tuple(sorted((k, v) for k, v in job.overrides.items() if k != key))
-        groups.setdefault(rest, {}).setdefault(job.overrides.get(key), job)
-    pairs, rows, unpaired = [], [], []
+        rest = tuple(sorted((k, v) for k, v in job.overrides.items() if k not in (key, repeat_key)))
+        groups.setdefault(rest, {}).setdefault(job.overrides.get(key), []).append(job)
+    pairs, sides, rows, phase_rows, unpaired = [], [], [], [], []
     for rest, by_value in groups.items():
         label = ", ".join(f"{k}={v}" for k, v in rest if k in varying) or "all"
         a = by_value.get(before_value)
         for value in after_values:
             b = by_value.get(value)
-            if a is None or b is None:
-                present = a or b
-                if present is not None:
-                    unpaired.append(f"{label}: only {key}={present.overrides.get(key)} (job {present.name})")
+            if not a or not b:
+                for j in a or b or []:
+                    unpaired.append(f"{label}: only {key}={j.overrides.get(key)} (job {j.name})")
                 continue
             group = label if len(after_values) == 1 else f"{label}, {key}={value}"
-            pairs.append((group, a, b))
+            pairs.append((group, a[0], b[0]))
+            sides.append((group, a, b))
             rows.extend(_pair_rows(group, a, b, rel_noise))
-    return Comparison(key, before_value, after_values, pairs, rows, sorted(set(unpaired)))
+            phase_rows.extend(_phase_rows(group, a, b, rel_noise))
+    return Comparison(key, before_value, after_values, pairs, rows, sorted(set(unpaired)), phase_rows, sides,
+                      repeat_key)
 
 
 def default_key(sweep: Sweep) -> str | None:

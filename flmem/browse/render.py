@@ -2,7 +2,8 @@
 
 A view is a list of Sections (title, columns, raw rows) plus notes. ``table`` and ``markdown``
 format values for people (MiB, seconds, ratios); ``csv`` and ``json`` keep them raw (bytes,
-seconds, fractions) so scripts get exact numbers. ``csv`` holds the view's first section only.
+seconds, fractions) so scripts get exact numbers. ``csv`` holds the view's first section, followed
+by the rows of any later section with the same columns (a comparison's per-phase rows).
 """
 from __future__ import annotations
 
@@ -62,7 +63,17 @@ def fmt(value, kind: str) -> str:
 
 
 def cell(row: dict, col: Column) -> str:
+    """``row[col.key]`` for people; ``row_range`` adds the range over repeats: ``11.7 (10.9-14.9, n=3)``."""
     kind = col.kind
+    if kind == "row_range":
+        kind = row.get("kind", "text")
+        text = fmt(row.get(col.key), kind)
+        n, lo, hi = row.get(f"n_{col.key}"), row.get(f"{col.key}_min"), row.get(f"{col.key}_max")
+        if isinstance(n, int) and n > 1 and lo is not None and hi is not None:
+            text += f" ({fmt(lo, kind)}-{fmt(hi, kind)}, n={n})"
+        elif row.get("repeats") and n is not None:  # fewer repeats with a value than the sweep ran
+            text += f" (n={n})"
+        return text
     if kind in ("row", "diff_row"):
         kind = row.get("kind", "text") if kind == "row" else "diff_" + row.get("kind", "text")
     return fmt(row.get(col.key), kind)
@@ -124,8 +135,10 @@ def to_csv(view: View) -> str:
         return ""
     section = view.sections[0]
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([c.key for c in section.columns])
-    for row in section.rows:
+    keys = [c.key for c in section.columns]
+    writer.writerow(keys)
+    rows = [r for s in view.sections if [c.key for c in s.columns] == keys for r in s.rows]
+    for row in rows:
         writer.writerow(["" if row.get(c.key) is None else row.get(c.key) for c in section.columns])
     return buf.getvalue()
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from statistics import mean
 
 from flmem.browse.model import BrowseError, Job, Sweep
+from flmem.browse.phases import finite
 
 BOOL_ORDER = {"false": 0, "true": 1}
 
@@ -30,6 +31,8 @@ METRIC_COLUMNS = [
     Column("clients_peak_rss_mean_bytes", "clients mean\npeak RSS MiB", "bytes"),
     Column("server_working_in_M", "server\nworking / M", "ratio"),
     Column("clients_working_in_M_max", "clients max\nworking / M", "ratio"),
+    Column("server_fl_working_bytes", "server\nFL working MiB", "bytes"),
+    Column("clients_fl_working_max_bytes", "clients max\nFL working MiB", "bytes"),
     Column("duration_s", "run time\ns", "seconds"),
     Column("final_accuracy", "final\naccuracy", "accuracy"),
 ]
@@ -59,6 +62,10 @@ def job_row(job: Job, keys: list[str]) -> dict:
         row[f"clients_{metric}_max_bytes"], row[f"clients_{metric}_mean_bytes"] = _max(vals), _mean(vals)
     row["server_working_in_M"] = server.get("working_heap_in_M") if server else None
     row["clients_working_in_M_max"] = _max(_values(job, "working_heap_in_M", clients=True))
+    # FL working memory: what the FL stage adds over setup (model and data held); None for older runs
+    row["server_fl_working_bytes"] = finite(server.get("fl_working_heap_bytes")) if server else None
+    row["clients_fl_working_max_bytes"] = _max([v for v in map(finite, _values(job, "fl_working_heap_bytes", True))
+                                                if v is not None])
     row["duration_s"] = job.duration_s
     row["final_accuracy"] = job.final_accuracy
     row["notes"] = "; ".join(([job.failure_text] if job.failure else []) + job.problems)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flmem.browse.compare import Comparison
 from flmem.browse.model import Job, Sweep
+from flmem.browse.phases import exactness, exactness_notes, finite, phase_rows, summary_phases
 from flmem.browse.render import View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
 
@@ -14,7 +15,10 @@ ROLE_COLUMNS = [
     Column("role", "role", "text"), Column("exit_code", "exit", "text"),
     Column("peak_heap_bytes", "peak heap\nMiB", "bytes"), Column("baseline_heap_bytes", "baseline\nMiB", "bytes"),
     Column("working_heap_bytes", "working\nMiB", "bytes"), Column("working_heap_in_M", "working\n/ M", "ratio"),
-    Column("peak_rss_bytes", "peak RSS\nMiB", "bytes"), Column("total_allocations", "allocations", "int"),
+    Column("fl_working_heap_bytes", "FL working\nMiB", "bytes"),
+    Column("fl_working_heap_in_M", "FL working\n/ M", "ratio"),
+    Column("peak_rss_bytes", "peak RSS\nMiB", "bytes"), Column("working_rss_bytes", "working RSS\nMiB", "bytes"),
+    Column("total_allocations", "allocations", "int"),
     Column("duration_s", "run time\ns", "seconds"), Column("capture", "capture", "text"),
     Column("flamegraph", "flamegraph", "text"),
 ]
@@ -24,6 +28,15 @@ SITE_COLUMNS = [
     Column("site", "file:line", "text"), Column("flmem_caller", "flmem caller", "text"),
     Column("file", "file", "text", False), Column("line", "line", "text", False),
 ]
+PHASE_COLUMNS = [
+    Column("role", "role", "text"), Column("phase", "phase", "text"), Column("stage", "stage", "text"),
+    Column("count", "count", "int"), Column("seconds", "seconds", "seconds"),
+    Column("peak_heap_bytes", "peak heap\nMiB", "bytes"), Column("peak_rss_bytes", "peak RSS\nMiB", "bytes"),
+    Column("start_heap_bytes", "heap at\nstart MiB", "bytes"), Column("adds_bytes", "adds\nMiB", "bytes"),
+    Column("adds_in_M", "adds\n/ M", "ratio"), Column("peaks", "peaks", "text"),
+    Column("samples", "samples", "int", False), Column("exact", "exact", "text", False),
+    Column("level", "level", "text", False),
+]
 ROUND_COLUMNS = [
     Column("round", "round", "text"), Column("test_loss", "test loss", "number"),
     Column("test_accuracy", "test accuracy", "accuracy"), Column("round_s", "round s", "seconds"),
@@ -31,10 +44,13 @@ ROUND_COLUMNS = [
     Column("client_loss", "clients mean\nloss", "number"),
 ]
 COMPARE_COLUMNS = [
-    Column("group", "pair", "text"), Column("role", "role", "text"), Column("metric", "metric", "text"),
-    Column("before", "before", "row"), Column("after", "after", "row"), Column("diff", "diff", "diff_row"),
+    Column("group", "pair", "text"), Column("role", "role", "text"), Column("phase", "phase", "text", False),
+    Column("stage", "stage", "text", False), Column("metric", "metric", "text"),
+    Column("before", "before", "row_range"), Column("after", "after", "row_range"), Column("diff", "diff", "diff_row"),
     Column("ratio", "ratio", "ratio_x"), Column("note", "note", "text"),
     Column("within_noise", "within noise", "text", False), Column("unit", "unit", "text", False),
+    *(Column(k, k, "text", False) for k in ("before_min", "before_max", "after_min", "after_max", "n", "n_before",
+                                            "n_after")),
 ]
 
 
@@ -83,35 +99,66 @@ def sweep_view(sweep: Sweep, filters: list[str] = (), sort: str | None = None) -
                 {"dir": str(sweep.dir), "varying": sweep.varying})
 
 
-def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) -> View:
-    rows = []
-    for r in comparison.rows:
+def _compare_dicts(rows, section: str, repeats: bool) -> list[dict]:
+    out = []
+    for r in rows:
         d = r.as_dict()
-        d["kind"] = r.kind
+        d["kind"], d["section"], d["repeats"] = r.kind, section, repeats
         if r.within_noise:
             d["note"] = ("within noise (±" + ("%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else
                                               f"{r.noise:.3g}") + ")" + (f"; {r.note}" if r.note else ""))
-        rows.append(d)
+        out.append(d)
+    return out
+
+
+def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) -> View:
+    """Two sections: ``comparison`` (per role and job: whole run, setup and FL stage) and ``phases``
+    (each phase's peak heap, server and clients max). ``filters`` apply to both (``phase=train``
+    keeps that phase's rows; whole-run rows have no phase)."""
+    repeats = comparison.repeat_key is not None
+    rows = _compare_dicts(comparison.rows, "comparison", repeats) + \
+        _compare_dicts(comparison.phase_rows, "phases", repeats)
     if filters:
         rows = apply_filters(rows, list(filters), [])
-    key = comparison.key
+    key, rk = comparison.key, comparison.repeat_key
     headers = {"before": f"before\n{key}={comparison.before_value}",
                "after": f"after\n{key}={'|'.join(comparison.after_values)}"}
     cols = [replace(c, header=headers.get(c.key, c.header)) for c in COMPARE_COLUMNS]
-    cols.insert(-3, Column("noise", "noise", "row"))
+    cols.insert(cols.index(next(c for c in cols if c.key == "note")), Column("noise", "noise", "row"))
+    phase_cols = [replace(c, people=True) if c.key in ("phase", "stage") else c for c in cols]
     notes = ["diff = after - before (memory in MiB, time in s); ratio = after / before; "
-             "green: lower memory or time, red: higher; dim: within the measured noise"]
+             "green: lower memory or time, red: higher; dim: within the measured noise",
+             "setup peak heap: the highest heap while loading model and data; FL peak heap: the highest during the "
+             "FL rounds; FL working memory = FL peak heap - heap when FL began (what FL adds over setup); "
+             "working RSS = peak RSS - RSS at the baseline mark; '-': not recorded (older runs), or a phase "
+             "shorter than the snapshot interval that no snapshot fell in (sampled peaks)"]
+    if rk:
+        notes.append(f"before and after are medians over the jobs that differ only in {rk} (shown as median "
+                     f"(min-max, n=repeats)); the spread across repeats counts as measured noise")
     notes += [f"unpaired: {u}" for u in comparison.unpaired]
     if not comparison.pairs:
-        notes.append(f"no pair of jobs differs only in {key}")
+        notes.append(f"no pair of jobs differs only in {key}" + (f" (and {rk})" if rk else ""))
+    kinds = sorted({exactness(r.summary) for _, a, b in comparison.groups for j in a + b for r in j.roles.values()
+                    if summary_phases(r)} - {"-"})
+    if kinds:
+        notes.append(f"setup, FL and per-phase peaks: {' / '.join(kinds)} (exact: all_allocations capture, memray's "
+                     "high-water mark of each interval; sampled: memory snapshots, a shorter spike can be missed)")
+    if comparison.pairs and not comparison.phase_rows:
+        notes.append("per phase: no phase recorded in these jobs (recorded before phases were marked)")
+    n = len(comparison.pairs)
     title = f"sweep {short(sweep.dir)}: {key}={comparison.before_value} (before) vs " \
-            f"{key}={'|'.join(comparison.after_values)} (after), {len(comparison.pairs)} pair" + \
-        ("" if len(comparison.pairs) == 1 else "s")
+            f"{key}={'|'.join(comparison.after_values)} (after), {n} pair" + ("" if n == 1 else "s") + \
+        (f", medians over {rk}" if rk else "")
     meta = {"dir": str(sweep.dir), "key": key, "before_value": comparison.before_value,
-            "after_values": comparison.after_values,
-            "pairs": [{"group": g, "before_job": a.name, "after_job": b.name} for g, a, b in comparison.pairs],
+            "after_values": comparison.after_values, "repeat_key": rk,
+            "pairs": [{"group": g, "before_job": a[0].name, "after_job": b[0].name,
+                       "before_jobs": [j.name for j in a], "after_jobs": [j.name for j in b]}
+                      for g, a, b in comparison.groups],
             "unpaired": comparison.unpaired}
-    return View(title, [Section("comparison", "", cols, rows)], notes, meta)
+    sections = [Section("comparison", "", cols, [r for r in rows if r["section"] == "comparison"]),
+                Section("phases", "per phase: peak heap of each phase (baseline included; server, clients max)",
+                        phase_cols, [r for r in rows if r["section"] == "phases"])]
+    return View(title, sections, notes, meta)
 
 
 def run_view(job: Job, top: int = 5) -> View:
@@ -120,7 +167,8 @@ def run_view(job: Job, top: int = 5) -> View:
         s = r.summary
         capture = "ok" if r.capture_state == "ok" else f"{r.capture_state}: {r.capture_reason}"
         flame = short(r.flamegraph) if r.flamegraph else f"none ({r.flamegraph_reason})"
-        roles.append({**{c.key: s.get(c.key) for c in ROLE_COLUMNS}, "role": r.name, "capture": capture,
+        roles.append({**{c.key: s.get(c.key) if c.kind == "text" else finite(s.get(c.key)) for c in ROLE_COLUMNS},
+                      "role": r.name, "capture": capture,
                       "flamegraph": flame, "exit_code": s.get("exit_code", r.status.get("phase"))})
         for i, site in enumerate((s.get("top_sites") or [])[:top], 1):
             sites.append({**site, "role": r.name, "rank": i, "site": f"{site.get('file')}:{site.get('line')}"})
@@ -137,7 +185,15 @@ def run_view(job: Job, top: int = 5) -> View:
              + (f"; run time {job.duration_s:.1f} s" if job.duration_s else "")
              + (f"; final accuracy {job.final_accuracy:.3f}" if job.final_accuracy is not None else "")]
     notes += [f"problem: {p}" for p in job.problems]
-    sections = [Section("roles", "per role (memory in MiB, working memory also in units of M)", ROLE_COLUMNS, roles),
+    phases = phase_rows(job)
+    if phases:
+        notes.append("per phase: peak heap includes the baseline (comparable with the role's peak heap); FL stage: "
+                     "heap at start = model and data held when FL began, adds = FL peak heap - heap at start "
+                     "(FL working memory); working RSS = peak RSS - RSS at the baseline mark")
+    notes += exactness_notes(job)
+    sections = [Section("roles", "per role (memory in MiB, working memory also in units of M; FL working: what "
+                        "the FL stage adds over setup)", ROLE_COLUMNS, roles),
+                Section("phases", "per phase (aggregated over rounds) and per stage", PHASE_COLUMNS, phases),
                 Section("top_sites", f"top {top} allocation sites per role at the high-water mark", SITE_COLUMNS,
                         sites),
                 Section("rounds", "per round (server evaluation of the global model; clients' mean)", ROUND_COLUMNS,
