@@ -96,7 +96,7 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
         "duration_s": (markers["end_ms"] - markers["start_ms"]) / 1000 if "end_ms" in markers else None,
         "model_bytes": model_bytes, "working_heap_in_M": None, "top_sites": [], "capture_error": None,
         **phase_summary.empty(),
-        "final_max_rss_bytes": final_rss, "final_max_rss_note": final_note,
+        "final_max_rss_bytes": final_rss, "final_max_rss_note": final_note, "exit_rss_growth_bytes": None,
         "baseline_rss_bytes": markers.get("baseline_rss_bytes"), "working_rss_bytes": None,
         "rss_breakdown": None,
     }
@@ -109,6 +109,11 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
             summary["capture_error"] = f"unreadable capture ({type(exc).__name__}: {exc})"
     if summary["working_heap_bytes"] is not None and model_bytes:
         summary["working_heap_in_M"] = summary["working_heap_bytes"] / model_bytes
+    if final_rss is not None and isinstance(markers.get("memory_at_end"), dict) \
+            and isinstance(markers["memory_at_end"].get("hwm_bytes"), int):
+        # RSS the process gained after its last own reading: interpreter teardown (torch's libraries
+        # fault in file-backed pages as they unload), gRPC threads ending.
+        summary["exit_rss_growth_bytes"] = max(0, final_rss - markers["memory_at_end"]["hwm_bytes"])
     if isinstance(summary["baseline_rss_bytes"], int) and summary["peak_rss_bytes"] is not None:
         summary["working_rss_bytes"] = summary["peak_rss_bytes"] - summary["baseline_rss_bytes"]
     try:

@@ -112,7 +112,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
             status.update(phase="waiting for clients", port=port)
         try:
             history = fl.run()
-            markers["memory_at_fl_end"] = memory_reading()
+            markers["memory_at_fl_end"] = memory_reading(arenas=True)
             if cfg.save_global_model:
                 with phases.teardown("save"):
                     torch.save(model.state_dict(), out / "global_model.pt")
@@ -149,7 +149,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
         try:
             history = run_client(connection, trainer, codec, rank=rank, rounds=int(cfg.rounds), status=status,
                                  phases=phases, train_phase=train_phase)
-            markers["memory_at_fl_end"] = memory_reading()
+            markers["memory_at_fl_end"] = memory_reading(arenas=True)
         finally:
             if connection is not None:
                 with phases.teardown("shutdown"):
