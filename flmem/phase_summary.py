@@ -138,7 +138,8 @@ def rss_breakdown(markers: dict) -> dict | None:
     """Where the RSS beyond the heap lives: process readings at the baseline, at the end of FL and at exit.
 
     Each reading (``markers.json``'s ``memory_at_baseline``, ``memory_at_fl_end``, ``memory_at_end``)
-    holds ``rss_bytes``, ``rss_anon_bytes``, ``rss_file_bytes``, ``threads`` and glibc ``malloc`` counters.
+    holds ``rss_bytes``, ``rss_anon_bytes``, ``rss_file_bytes``, ``threads`` and glibc ``malloc`` counters
+    (at the end of FL also ``malloc_arenas``: ``system`` and ``free`` bytes per arena, main arena first).
     ``growth`` is fl_end minus baseline: ``rss_anon_bytes`` (anonymous memory), ``malloc_in_use_bytes``
     (``uordblks + hblkhd``: the heap the allocator handed out), ``malloc_free_held_bytes`` (``fordblks``:
     freed but kept in glibc arenas), ``malloc_arena_bytes`` (arena bytes obtained from the kernel),

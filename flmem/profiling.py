@@ -17,6 +17,7 @@ Definitions used throughout flmem:
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections import defaultdict
@@ -107,6 +108,12 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
             _read_capture(capture, markers, summary, top)
         except Exception as exc:  # a killed process leaves an unreadable capture: say so, keep the rest
             summary["capture_error"] = f"unreadable capture ({type(exc).__name__}: {exc})"
+    if not summary["phases"]:  # no capture to read peaks from: still the phases' counts and seconds
+        with contextlib.suppress(Exception):
+            phases = phase_summary.valid_phases(markers.get("phases"))
+            if phases:
+                summary.update(phase_summary.summarize_phases(phases, [], model_bytes=model_bytes),
+                               phase_peaks=None, memory_interval_ms=None)
     if summary["working_heap_bytes"] is not None and model_bytes:
         summary["working_heap_in_M"] = summary["working_heap_bytes"] / model_bytes
     if final_rss is not None and isinstance(markers.get("memory_at_end"), dict) \

@@ -177,3 +177,13 @@ def test_summary_of_a_role_without_capture_or_with_torn_markers_has_none_values(
     assert valid_phases([{"phase": "a", "stage": "fl", "start_ms": "1", "end_ms": 2}])[0]["start_ms"] == 1.0
     (tmp_path / "markers.json").write_text("[1, 2")
     assert summarize_role(tmp_path, "server")["phases"] == []
+
+
+def test_without_a_capture_phases_keep_their_counts_and_seconds_but_no_peaks(tmp_path):
+    (tmp_path / "markers.json").write_text(json.dumps({"phases": PHASES, "baseline_rss_bytes": 100,
+                                                       "max_rss_bytes": 300}))
+    s = summarize_role(tmp_path, "client_0", model_bytes=10)
+    assert [(p["phase"], p["count"], p["peak_heap_bytes"], p["samples"]) for p in s["phases"]] == [
+        ("model", 1, None, 0), ("fetch", 2, None, 0), ("train", 1, None, 0)]
+    assert s["phase_peaks"] is None and s["fl_peak_heap_bytes"] is None and s["fl_working_heap_bytes"] is None
+    assert s["working_rss_bytes"] == 200 and s["final_max_rss_bytes"] is None
