@@ -82,8 +82,9 @@ class Role:
         """The exit code once the process has ended (negative: killed by that signal), else None.
 
         Reaps with ``os.wait4`` rather than ``Popen.poll``/``wait``, which throw away the child's resource
-        usage: its ``ru_maxrss`` counts the very end of the process (interpreter teardown, gRPC threads
-        ending), after the worker wrote ``markers.json``. It is added there as ``final_max_rss_bytes``.
+        usage: its ``ru_maxrss`` (KiB) counts the very end of the process (exit handlers, gRPC threads
+        ending), after the worker wrote ``markers.json``. It is added there as ``final_max_rss_bytes``
+        (bytes; Linux carries ``ru_maxrss`` across exec, so it is at least the launcher's peak RSS).
         """
         if self.proc is None or self.proc.returncode is not None:
             return None if self.proc is None else self.proc.returncode
@@ -241,7 +242,9 @@ class Job:
         with _signals_deferred():
             live = [role for role in self.roles if role.alive()]
             for role in live:
-                role.proc.send_signal(signal.SIGTERM)
+                # Not Popen.send_signal: it polls first, and a poll that reaps loses the child's ru_maxrss.
+                # Only Role.reap reaps, so the pid cannot have been reused.
+                os.kill(role.proc.pid, signal.SIGTERM)
             deadline = time.time() + float(self.cfg.timeouts.stop_grace_s)
             for role in live:
                 if role.wait(max(0.0, deadline - time.time())) is None:
