@@ -48,6 +48,12 @@ def _mark_baseline(markers: dict, out: Path, interval_ms: int) -> None:
     time.sleep(3 * interval_ms / 1000)
 
 
+def _settle(interval_ms: int) -> None:
+    """Between setup and FL: wait a few memory snapshots, so that one records the heap held when FL begins
+    (``fl_start_heap_bytes``) rather than the last moments of setup."""
+    time.sleep(3 * interval_ms / 1000)
+
+
 def _import_role_modules() -> None:
     """The imports every role needs (torch, gRPC, Hydra, flmem's roles): done before any model or data."""
     import hydra.utils  # noqa: F401
@@ -110,6 +116,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
             write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
             print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
             status.update(phase="waiting for clients", port=port)
+        _settle(int(cfg.profiling.memory_interval_ms))
         try:
             history = fl.run()
             markers["memory_at_fl_end"] = memory_reading(arenas=True)
@@ -146,6 +153,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                 status.update(phase="training")
         else:
             status.update(phase="training")
+        _settle(int(cfg.profiling.memory_interval_ms))
         try:
             history = run_client(connection, trainer, codec, rank=rank, rounds=int(cfg.rounds), status=status,
                                  phases=phases, train_phase=train_phase)
