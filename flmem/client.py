@@ -4,10 +4,12 @@ from __future__ import annotations
 import time
 
 from flmem.codec import ModelCodec
+from flmem.phases import NO_PHASES, PhaseLog
 from flmem.trainer import Trainer
 
 
-def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, rounds: int, status=None) -> list[dict]:
+def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, rounds: int, status=None,
+               phases: PhaseLog = NO_PHASES, train_phase: str = "train") -> list[dict]:
     """Take part in ``rounds`` synchronous FedAvg rounds, then fetch the final global model.
 
     Args:
@@ -15,6 +17,8 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
             None for ``client.mode=local_only``: the same loop with no communication at all.
         trainer: trains ``trainer.model`` in place; the global model is received into it.
         codec: how models are received and encoded.
+        phases: records the FL phases ``fetch``, ``train_phase`` and ``push`` of each round, then the final
+            ``fetch`` (``client.mode=local_only``: ``train_phase`` only); they follow each other without gaps.
     Returns:
         One metrics record per round (loss, update_norm, seconds spent fetching/training/pushing).
     Raises:
@@ -23,25 +27,34 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
     """
     state = trainer.model.state_dict()  # tensors share the parameters' storage
     history = []
+
+    def book(record: dict, t0: float, t1: float, t2: float) -> None:
+        record.update(fetch_s=t1 - t0, train_s=t2 - t1, push_s=time.time() - t2)
+        history.append(record)
+        if status:
+            status.metric(record)
+            status.update(phase="training", rounds_done=record["round"] + 1, loss=record["loss"])
+
     for r in range(rounds + 1):
         t0 = time.time()
         if connection is not None:
-            header, finished, chunks = connection.fetch(r, rank)
-            codec.receive_into(header, chunks, state)
+            with phases.fl("fetch", r):
+                header, finished, chunks = connection.fetch(r, rank)
+                codec.receive_into(header, chunks, state)
             if finished and r < rounds:
                 raise RuntimeError(f"the server finished after {r} rounds, but this client expects rounds={rounds}")
         if r == rounds:
             break
         t1 = time.time()
-        record = {"round": r, **trainer.train_round(r)}
-        t2 = time.time()
+        with phases.fl(train_phase, r):
+            record = {"round": r, **trainer.train_round(r)}
+            t2 = time.time()
+            if connection is None:
+                book(record, t0, t1, t2)
         if connection is not None:
-            header, chunks = codec.encode(state)
-            connection.push(r, rank, trainer.num_samples, header, chunks)
-            del header, chunks
-        record.update(fetch_s=t1 - t0, train_s=t2 - t1, push_s=time.time() - t2)
-        history.append(record)
-        if status:
-            status.metric(record)
-            status.update(phase="training", rounds_done=r + 1, loss=record["loss"])
+            with phases.fl("push", r):  # the round's bookkeeping is part of push: the phases leave no gap
+                header, chunks = codec.encode(state)
+                connection.push(r, rank, trainer.num_samples, header, chunks)
+                del header, chunks
+                book(record, t0, t1, t2)
     return history

@@ -68,6 +68,7 @@ class Role:
     dir: Path
     proc: subprocess.Popen | None = None
     logs: list = field(default_factory=list)
+    final_max_rss_bytes: int | None = None  # the child's ru_maxrss from wait4, once reaped
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -77,9 +78,43 @@ class Role:
         # A fresh interpreter (not fork: gRPC is not fork-safe), in its own process group.
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=env, start_new_session=True)
 
+    def reap(self, block: bool = False) -> int | None:
+        """The exit code once the process has ended (negative: killed by that signal), else None.
+
+        Reaps with ``os.wait4`` rather than ``Popen.poll``/``wait``, which throw away the child's resource
+        usage: its ``ru_maxrss`` (KiB) counts the very end of the process (exit handlers, gRPC threads
+        ending), after the worker wrote ``markers.json``. It is added there as ``final_max_rss_bytes``
+        (bytes; Linux carries ``ru_maxrss`` across exec, so it is at least the launcher's peak RSS).
+        """
+        if self.proc is None or self.proc.returncode is not None:
+            return None if self.proc is None else self.proc.returncode
+        try:
+            pid, status, usage = os.wait4(self.proc.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: the code is known, the resource usage is lost
+            return self.proc.wait() if block else self.proc.poll()
+        if pid == 0:
+            return None
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.final_max_rss_bytes = usage.ru_maxrss * 1024  # KiB on Linux
+        markers_file = self.dir / "markers.json"
+        markers = read_json(markers_file, {})
+        if not isinstance(markers, dict):
+            markers = {}
+        markers["final_max_rss_bytes"] = self.final_max_rss_bytes
+        with contextlib.suppress(OSError):
+            write_json(markers_file, markers)
+        return self.proc.returncode
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Reap within ``timeout_s`` seconds; None if the process is still running then."""
+        deadline = time.time() + timeout_s
+        while (code := self.reap()) is None and time.time() < deadline:
+            time.sleep(0.02)
+        return code
+
     @property
     def returncode(self):
-        return None if self.proc is None else self.proc.poll()
+        return self.reap()
 
     def failure_reason(self) -> str:
         markers = read_json(self.dir / "markers.json", {})
@@ -95,7 +130,7 @@ class Role:
         return lines[-1] if lines else f"exited with code {code}"
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.reap() is None
 
     def close_logs(self) -> None:
         for fh in self.logs:
@@ -207,14 +242,14 @@ class Job:
         with _signals_deferred():
             live = [role for role in self.roles if role.alive()]
             for role in live:
-                role.proc.send_signal(signal.SIGTERM)
+                # Not Popen.send_signal: it polls first, and a poll that reaps loses the child's ru_maxrss.
+                # Only Role.reap reaps, so the pid cannot have been reused.
+                os.kill(role.proc.pid, signal.SIGTERM)
             deadline = time.time() + float(self.cfg.timeouts.stop_grace_s)
             for role in live:
-                try:
-                    role.proc.wait(max(0.0, deadline - time.time()))
-                except subprocess.TimeoutExpired:
+                if role.wait(max(0.0, deadline - time.time())) is None:
                     os.killpg(role.proc.pid, signal.SIGKILL)
-                    role.proc.wait()
+                    role.reap(block=True)
             for role in self.roles:
                 role.close_logs()
 

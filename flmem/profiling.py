@@ -9,35 +9,30 @@ Definitions used throughout flmem:
   imports and the baseline is the allocator's own count of bytes in use at that moment (glibc
   ``mallinfo2``: ``uordblks + hblkhd``), so peak heap = baseline + memray's tracked peak.
 * working memory: peak heap minus baseline heap (bytes; also in units of M, the model bytes).
-* peak RSS: the largest resident set size in the snapshots, and ``ru_maxrss`` of the process
-  (recorded even when profiling is off).
+* peak RSS: the largest of the resident set sizes in the snapshots, the worker's own ``ru_maxrss``
+  (recorded even when profiling is off) and ``final_max_rss_bytes``, the ``ru_maxrss`` the launcher
+  got when it reaped the process (the very end included: interpreter teardown, gRPC threads ending).
+* working RSS: peak RSS minus the RSS at the baseline mark (``baseline_rss_bytes``).
+* per-phase numbers (``phases``, ``fl_*``): see :mod:`flmem.phase_summary`.
 """
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from flmem import phase_summary
 from flmem.flamegraph_offline import localize_flamegraph
+from flmem.phases import mallinfo2
 from flmem.status import read_json, write_json
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def heap_in_use() -> int | None:
     """Bytes the C allocator has handed out and not yet freed (glibc ``mallinfo2``), or None elsewhere."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
     info = mallinfo2()
-    return int(info.uordblks + info.hblkhd)
+    return None if info is None else int(info["uordblks"] + info["hblkhd"])
 
 
 def _baseline_heap(snapshots, baseline_ms: float | None) -> int | None:
@@ -67,6 +62,21 @@ def top_sites(reader, limit: int) -> list[dict]:
     return [{"function": f, "file": file, "line": line, **v} for (f, file, line), v in ranked]
 
 
+def _final_rss(markers: dict) -> tuple[int | None, str | None]:
+    """The role's peak RSS at the very end (``ru_maxrss`` from the launcher's ``wait4``), or None and why.
+
+    Linux keeps ``ru_maxrss`` across exec, so it starts at the launcher's peak RSS
+    (``inherited_max_rss_bytes``): a value not above that one says nothing about the role.
+    """
+    final, inherited = markers.get("final_max_rss_bytes"), markers.get("inherited_max_rss_bytes")
+    if not isinstance(final, int):
+        return None, "not recorded (the launcher did not reap the process with wait4)"
+    if isinstance(inherited, int) and final <= inherited:
+        return None, (f"masked: ru_maxrss at exit ({final} bytes) does not exceed the launcher's peak RSS "
+                      f"the process inherited through exec ({inherited} bytes)")
+    return final, None
+
+
 def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None, top: int = 10) -> dict:
     """Read ``role_dir``'s capture and markers and write ``summary.json``; never raises on a bad capture.
 
@@ -75,14 +85,22 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
     """
     role_dir = Path(role_dir)
     markers = read_json(role_dir / "markers.json", {})
+    if not isinstance(markers, dict):
+        markers = {}
     capture = role_dir / "capture.bin"
+    final_rss, final_note = _final_rss(markers)
+    rss_marks = [v for v in (markers.get("max_rss_bytes"), final_rss) if isinstance(v, int)]
     summary = {
         "role": role, "exit_code": markers.get("exit_code"), "error": markers.get("error"),
         "capture": str(capture) if capture.exists() else None, "flamegraph": None,
         "peak_heap_bytes": None, "tracked_peak_bytes": None, "baseline_heap_bytes": None, "working_heap_bytes": None,
-        "peak_rss_bytes": markers.get("max_rss_bytes"), "total_allocations": None,
+        "peak_rss_bytes": max(rss_marks) if rss_marks else None, "total_allocations": None,
         "duration_s": (markers["end_ms"] - markers["start_ms"]) / 1000 if "end_ms" in markers else None,
         "model_bytes": model_bytes, "working_heap_in_M": None, "top_sites": [], "capture_error": None,
+        **phase_summary.empty(),
+        "final_max_rss_bytes": final_rss, "final_max_rss_note": final_note, "exit_rss_growth_bytes": None,
+        "baseline_rss_bytes": markers.get("baseline_rss_bytes"), "working_rss_bytes": None,
+        "rss_breakdown": None,
     }
     if not capture.exists():
         summary["capture_error"] = "no capture file (profiling.enabled=false, or the role never started)"
@@ -91,8 +109,25 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
             _read_capture(capture, markers, summary, top)
         except Exception as exc:  # a killed process leaves an unreadable capture: say so, keep the rest
             summary["capture_error"] = f"unreadable capture ({type(exc).__name__}: {exc})"
+    if not summary["phases"]:  # no capture to read peaks from: still the phases' counts and seconds
+        with contextlib.suppress(Exception):
+            phases = phase_summary.valid_phases(markers.get("phases"))
+            if phases:
+                summary.update(phase_summary.summarize_phases(phases, [], model_bytes=model_bytes),
+                               phase_peaks=None, memory_interval_ms=None)
     if summary["working_heap_bytes"] is not None and model_bytes:
         summary["working_heap_in_M"] = summary["working_heap_bytes"] / model_bytes
+    if final_rss is not None and isinstance(markers.get("memory_at_end"), dict) \
+            and isinstance(markers["memory_at_end"].get("hwm_bytes"), int):
+        # RSS the process gained after its last own reading: interpreter teardown (torch's libraries
+        # fault in file-backed pages as they unload), gRPC threads ending.
+        summary["exit_rss_growth_bytes"] = max(0, final_rss - markers["memory_at_end"]["hwm_bytes"])
+    if isinstance(summary["baseline_rss_bytes"], int) and summary["peak_rss_bytes"] is not None:
+        summary["working_rss_bytes"] = summary["peak_rss_bytes"] - summary["baseline_rss_bytes"]
+    try:
+        summary["rss_breakdown"] = phase_summary.rss_breakdown(markers)
+    except Exception as exc:  # noqa: BLE001 - a hand-edited markers.json must not lose the rest
+        summary["rss_breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
     write_json(role_dir / "summary.json", summary)
     return summary
 
@@ -100,7 +135,9 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
 def _read_capture(capture: Path, markers: dict, summary: dict, top: int) -> None:
     import memray
 
-    reader = memray.FileReader(str(capture))
+    # Every snapshot (memray thins them to 10,000 by default), so that they pair with the exact
+    # per-interval high-water marks and short phases keep their samples.
+    reader = memray.FileReader(str(capture), max_memory_records=2**31 - 1)
     try:
         meta = reader.metadata
         snapshots = list(reader.get_memory_snapshots())
@@ -120,8 +157,27 @@ def _read_capture(capture: Path, markers: dict, summary: dict, top: int) -> None
         if summary["duration_s"] is None:
             summary["duration_s"] = (meta.end_time - meta.start_time).total_seconds()
         summary["top_sites"] = top_sites(reader, top)
+        _phase_peaks(reader, snapshots, markers, summary)
     finally:
         reader.close()
+
+
+def _phase_peaks(reader, snapshots, markers: dict, summary: dict) -> None:
+    """Fill the per-phase fields from the snapshots (sampled) or memray's per-interval high-water marks (exact)."""
+    import memray
+
+    phases = phase_summary.valid_phases(markers.get("phases"))
+    if not phases:
+        return
+    hwm = None
+    if reader.metadata.file_format == memray.FileFormat.ALL_ALLOCATIONS:
+        _, hwm = reader.get_temporal_high_water_mark_allocation_records(merge_threads=True)
+        hwm = list(hwm)
+    offset = markers.get("untracked_baseline_heap_bytes") or 0
+    interval = markers.get("memory_interval_ms")
+    summary.update(phase_summary.summarize_phases(
+        phases, [(s.time, s.rss, s.heap) for s in snapshots], hwm=hwm, offset=int(offset),
+        model_bytes=summary.get("model_bytes"), interval_ms=interval))
 
 
 def render_flamegraph(capture: Path, html: Path, timeout_s: float = 300) -> str | None:

@@ -59,17 +59,21 @@ def _mib(value) -> str:
 
 
 def result_table(result: dict) -> Table:
-    """Per role: peak heap, baseline, working memory (MiB and in units of M), peak RSS."""
+    """Per role: peak heap, baseline, working memory (MiB and in units of M), FL working heap (peak heap during
+    federated learning minus the heap when it began), peak RSS and working RSS (peak RSS minus the RSS at the
+    baseline)."""
     m = result.get("model_bytes")
     title = f"{result['status']}: {result['job_dir']}" + (f"  (M = {m / MiB:.2f} MiB)" if m else "")
     table = Table(title=title, title_justify="left")
-    for col in ("role", "peak heap MiB", "baseline MiB", "working MiB", "working / M", "peak RSS MiB"):
+    for col in ("role", "peak heap MiB", "baseline MiB", "working MiB", "working / M", "FL working MiB",
+                "peak RSS MiB", "working RSS MiB"):
         table.add_column(col, justify="left" if col == "role" else "right")
     for name, s in result.get("roles", {}).items():
         in_m = s.get("working_heap_in_M")
         table.add_row(name, _mib(s.get("peak_heap_bytes")), _mib(s.get("baseline_heap_bytes")),
                       _mib(s.get("working_heap_bytes")), "-" if in_m is None else f"{in_m:.2f}",
-                      _mib(s.get("peak_rss_bytes")))
+                      _mib(s.get("fl_working_heap_bytes")), _mib(s.get("peak_rss_bytes")),
+                      _mib(s.get("working_rss_bytes")))
     return table
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from flmem.codec import ModelCodec
+from flmem.phases import NO_PHASES, PhaseLog
 from flmem.strategy import StreamingFedAvg, aggregate
 from flmem.trainer import evaluate
 
@@ -40,12 +41,16 @@ class FedAvgServer:
         round_timeout_s: how long a round may wait for its updates.
         eval_batch_size: test batch size (activations of one batch are part of the server's peak).
         status: a :class:`~flmem.status.StatusWriter` (or None).
+        phases: records the FL phases of :meth:`run`: per round ``receive`` (waiting for the client updates;
+            gRPC handler threads receive or fold them meanwhile), ``aggregate``, ``evaluate`` (with the round's
+            bookkeeping and publishing; without test data that is part of ``aggregate``), then ``serve final``.
     """
 
     def __init__(self, model: torch.nn.Module, test_data, *, num_clients: int, rounds: int, codec: ModelCodec,
                  streaming: bool, weighted: bool = True, round_timeout_s: float = 600.0, eval_batch_size: int = 64,
-                 status=None):
+                 status=None, phases: PhaseLog = NO_PHASES):
         self.model, self.test_data = model, test_data
+        self.phases = phases
         self.num_clients, self.rounds = num_clients, rounds
         self.codec, self.streaming, self.weighted = codec, streaming, weighted
         self.round_timeout_s, self.status, self.eval_batch_size = round_timeout_s, status, eval_batch_size
@@ -163,30 +168,40 @@ class FedAvgServer:
         self._publish(0)
         for r in range(self.rounds):
             started = time.time()
-            self._wait(lambda: len(self.received) == self.num_clients,
-                       f"round {r}: only {len(self.received)} of {self.num_clients} client updates arrived")
-            agg_start = time.time()
-            if self.streaming:
-                self.aggregator.finalize_into(self.state)
-            else:
-                ordered = [self.updates[k] for k in sorted(self.updates)]
-                self.model.load_state_dict(aggregate(ordered))
-                self.updates = {}  # the original path holds the N models until here
-                del ordered
-                if self.codec.release:
-                    gc.collect()
-            record = {"round": r, "aggregate_s": time.time() - agg_start}
+            with self.phases.fl("receive", r):
+                self._wait(lambda: len(self.received) == self.num_clients,
+                           f"round {r}: only {len(self.received)} of {self.num_clients} client updates arrived")
+            with self.phases.fl("aggregate", r):
+                agg_start = time.time()
+                if self.streaming:
+                    self.aggregator.finalize_into(self.state)
+                else:
+                    ordered = [self.updates[k] for k in sorted(self.updates)]
+                    self.model.load_state_dict(aggregate(ordered))
+                    self.updates = {}  # the original path holds the N models until here
+                    del ordered
+                    if self.codec.release:
+                        gc.collect()
+                record = {"round": r, "aggregate_s": time.time() - agg_start}
+                if self.test_data is None:
+                    self._end_round(r, record, started)
             if self.test_data is not None:
-                scores = evaluate(self.model, self.test_data, self.eval_batch_size)
-                record.update({f"test_{k}": v for k, v in scores.items()})
-            record["round_s"] = time.time() - started
-            with self.cond:
-                record["transfers"], self.transfers = self.transfers, []
-            self.history.append(record)
-            if self.status:
-                self.status.metric(record)
-                self.status.update(phase="training", rounds_done=r + 1, test_accuracy=record.get("test_accuracy"))
-            self._publish(r + 1)
-        self._wait(lambda: len(self.final_fetched) == self.num_clients,
-                   f"only {len(self.final_fetched)} of {self.num_clients} clients fetched the final model")
+                with self.phases.fl("evaluate", r):
+                    scores = evaluate(self.model, self.test_data, self.eval_batch_size)
+                    record.update({f"test_{k}": v for k, v in scores.items()})
+                    self._end_round(r, record, started)
+        with self.phases.fl("serve final", self.rounds):
+            self._wait(lambda: len(self.final_fetched) == self.num_clients,
+                       f"only {len(self.final_fetched)} of {self.num_clients} clients fetched the final model")
         return self.history
+
+    def _end_round(self, r: int, record: dict, started: float) -> None:
+        """Record round ``r``'s metrics and publish the round-``r+1`` global model."""
+        record["round_s"] = time.time() - started
+        with self.cond:
+            record["transfers"], self.transfers = self.transfers, []
+        self.history.append(record)
+        if self.status:
+            self.status.metric(record)
+            self.status.update(phase="training", rounds_done=r + 1, test_accuracy=record.get("test_accuracy"))
+        self._publish(r + 1)

@@ -37,10 +37,20 @@ def _tracker(cfg_profiling, capture: Path):
 
 
 def _mark_baseline(markers: dict, out: Path, interval_ms: int) -> None:
+    from flmem.phases import memory_reading
+
     # Memray samples heap/RSS every `interval_ms`: wait a few samples so the baseline is recorded.
     time.sleep(3 * interval_ms / 1000)
     markers["baseline_ms"] = time.time() * 1000
+    markers["memory_at_baseline"] = memory_reading()
+    markers["baseline_rss_bytes"] = markers["memory_at_baseline"].get("rss_bytes")
     (out / "markers.json").write_text(json.dumps(markers))
+    time.sleep(3 * interval_ms / 1000)
+
+
+def _settle(interval_ms: int) -> None:
+    """Between setup and FL: wait a few memory snapshots, so that one records the heap held when FL begins
+    (``fl_start_heap_bytes``) rather than the last moments of setup."""
     time.sleep(3 * interval_ms / 1000)
 
 
@@ -75,6 +85,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem import data
     from flmem.client import run_client
     from flmem.codec import ModelCodec
+    from flmem.phases import PhaseLog, memory_reading
     from flmem.serde import model_bytes
     from flmem.server import FedAvgServer
     from flmem.status import StatusWriter, write_json
@@ -82,56 +93,75 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem.transport import ServerConnection, serve
 
     torch.set_num_threads(int(cfg.threads_per_role))
+    phases = PhaseLog(markers.setdefault("phases", []))  # the same list: main() writes it even on failure
     _mark_baseline(markers, out, int(cfg.profiling.memory_interval_ms))
     opt = cfg.optimization
     codec = ModelCodec(opt.serde, opt.transport, int(cfg.transport.chunk_size), release=opt.release)
     status = StatusWriter(out, role if role == "server" else f"client_{rank}", int(cfg.rounds))
-    torch.manual_seed(int(cfg.seed))  # the server's initial global model depends on the seed only
-    model = hydra.utils.instantiate(cfg.model)
-    markers["model_bytes"] = model_bytes(model.state_dict())
+    with phases.setup("model"):
+        torch.manual_seed(int(cfg.seed))  # the server's initial global model depends on the seed only
+        model = hydra.utils.instantiate(cfg.model)
+        markers["model_bytes"] = model_bytes(model.state_dict())
     if role == "server":
-        test_data = data.test_dataset(cfg.dataset, release=opt.release) if cfg.evaluate else None
-        fl = FedAvgServer(model, test_data, num_clients=int(cfg.num_clients),
-                          rounds=int(cfg.rounds), codec=codec, streaming=opt.aggregation,
-                          weighted=cfg.fedavg.weighted, round_timeout_s=float(cfg.timeouts.round_s),
-                          eval_batch_size=int(cfg.batch_size), status=status)
-        grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port), int(cfg.transport.max_message_bytes),
-                                  max_workers=int(cfg.num_clients) + 4, lean=opt.transport)
-        write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
-        print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
-        status.update(phase="waiting for clients", port=port)
+        with phases.setup("data"):
+            test_data = data.test_dataset(cfg.dataset, release=opt.release) if cfg.evaluate else None
+            fl = FedAvgServer(model, test_data, num_clients=int(cfg.num_clients),
+                              rounds=int(cfg.rounds), codec=codec, streaming=opt.aggregation,
+                              weighted=cfg.fedavg.weighted, round_timeout_s=float(cfg.timeouts.round_s),
+                              eval_batch_size=int(cfg.batch_size), status=status, phases=phases)
+        with phases.setup("connect"):
+            grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port),
+                                      int(cfg.transport.max_message_bytes), max_workers=int(cfg.num_clients) + 4,
+                                      lean=opt.transport)
+            write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
+            print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
+            status.update(phase="waiting for clients", port=port)
+        _settle(int(cfg.profiling.memory_interval_ms))
         try:
             history = fl.run()
+            markers["memory_at_fl_end"] = memory_reading(arenas=True)
             if cfg.save_global_model:
-                torch.save(model.state_dict(), out / "global_model.pt")
+                with phases.teardown("save"):
+                    torch.save(model.state_dict(), out / "global_model.pt")
         except BaseException as exc:
             fl.record_error(exc)  # wake handler threads so clients hear the reason
             raise
         finally:
-            grpc_server.stop(grace=2).wait()
+            with phases.teardown("shutdown"):
+                grpc_server.stop(grace=2).wait()
     else:
+        train_phase = "train"
         if cfg.client.mode == "comm_only":  # no data, no gradients: weights perturbed in place
+            train_phase = "perturb"
             trainer = Perturber(model, int(cfg.dataset.samples_per_client or 1), seed=int(cfg.seed), rank=rank,
                                 scale=float(cfg.client.perturbation))
         else:
-            dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
-            trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
-                              optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
-                              optimized=opt.trainer, release=opt.release)
+            with phases.setup("data"):
+                dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
+                trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
+                                  optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
+                                  optimized=opt.trainer, release=opt.release)
         connection = None
         if cfg.client.mode != "local_only":
-            if address_file:
-                cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
-                                                   float(cfg.timeouts.server_ready_s))
-            connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
-                                          float(cfg.timeouts.rpc_s), lean=opt.transport)
-            connection.wait_ready(float(cfg.timeouts.server_ready_s))
-        status.update(phase="training")
+            with phases.setup("connect"):
+                if address_file:
+                    cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
+                                                       float(cfg.timeouts.server_ready_s))
+                connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
+                                              float(cfg.timeouts.rpc_s), lean=opt.transport)
+                connection.wait_ready(float(cfg.timeouts.server_ready_s))
+                status.update(phase="training")
+        else:
+            status.update(phase="training")
+        _settle(int(cfg.profiling.memory_interval_ms))
         try:
-            history = run_client(connection, trainer, codec, rank=rank, rounds=int(cfg.rounds), status=status)
+            history = run_client(connection, trainer, codec, rank=rank, rounds=int(cfg.rounds), status=status,
+                                 phases=phases, train_phase=train_phase)
+            markers["memory_at_fl_end"] = memory_reading(arenas=True)
         finally:
             if connection is not None:
-                connection.close()
+                with phases.teardown("shutdown"):
+                    connection.close()
     status.update(phase="done")
     return history
 
@@ -148,11 +178,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    markers = {"start_ms": time.time() * 1000}
+    # Linux keeps ru_maxrss across exec: at start it is the launcher's peak RSS, not this role's.
+    markers = {"start_ms": time.time() * 1000, "phases": [],
+               "inherited_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     import yaml  # light: the profiling options are needed before the Tracker starts
 
     profiling = yaml.safe_load(Path(args.config).read_text())["profiling"]
+    markers["memory_interval_ms"] = profiling["memory_interval_ms"]
+    from flmem.phases import mallinfo2
+
+    mallinfo2()  # looks the function up before the Tracker starts (a dlopen under memray is slow)
     if profiling["enabled"] and not profiling["track_imports"]:
         # Tracking imports costs seconds of CPU per role and shows no FL memory: import first, and take
         # the baseline from the allocator itself just before the Tracker starts.
@@ -175,7 +211,12 @@ def main(argv=None) -> int:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
     markers["end_ms"] = time.time() * 1000
-    markers["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from flmem.phases import memory_reading
+
+    markers["memory_at_end"] = memory_reading()  # after the Tracker closed its capture
+    # This process's own peak RSS so far (VmHWM); ru_maxrss may still be the launcher's (see above).
+    markers["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    markers["max_rss_bytes"] = markers["memory_at_end"].get("hwm_bytes", markers["ru_maxrss_bytes"])
     markers["exit_code"], markers["error"] = code, error
     (out / "markers.json").write_text(json.dumps(markers))
     if error:
