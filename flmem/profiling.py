@@ -12,7 +12,8 @@ Definitions used throughout flmem:
 * peak RSS: the largest of the resident set sizes in the snapshots, the worker's own ``ru_maxrss``
   (recorded even when profiling is off) and ``final_max_rss_bytes``, the ``ru_maxrss`` the launcher
   got when it reaped the process (the very end included: interpreter teardown, gRPC threads ending).
-* working RSS: peak RSS minus the RSS at the baseline mark (``baseline_rss_bytes``).
+* working RSS: the peak RSS of the role's run (``run_peak_rss_bytes``: peak RSS less
+  ``exit_rss_growth_bytes``, what the process's exit added) minus the RSS at the baseline mark.
 * per-phase numbers (``phases``, ``fl_*``): see :mod:`flmem.phase_summary`.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
         "model_bytes": model_bytes, "working_heap_in_M": None, "top_sites": [], "capture_error": None,
         **phase_summary.empty(),
         "final_max_rss_bytes": final_rss, "final_max_rss_note": final_note, "exit_rss_growth_bytes": None,
-        "baseline_rss_bytes": markers.get("baseline_rss_bytes"), "working_rss_bytes": None,
+        "baseline_rss_bytes": markers.get("baseline_rss_bytes"), "working_rss_bytes": None, "run_peak_rss_bytes": None,
         "rss_breakdown": None,
     }
     if not capture.exists():
@@ -122,8 +123,12 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
         # RSS the process gained after its last own reading: interpreter teardown (torch's libraries
         # fault in file-backed pages as they unload), gRPC threads ending.
         summary["exit_rss_growth_bytes"] = max(0, final_rss - markers["memory_at_end"]["hwm_bytes"])
-    if isinstance(summary["baseline_rss_bytes"], int) and summary["peak_rss_bytes"] is not None:
-        summary["working_rss_bytes"] = summary["peak_rss_bytes"] - summary["baseline_rss_bytes"]
+    if summary["peak_rss_bytes"] is not None:
+        # Working RSS counts the role's run, not its exit: torch's libraries fault in ~100 MiB of
+        # file-backed pages while they unload, which says nothing about the FL code paths.
+        summary["run_peak_rss_bytes"] = summary["peak_rss_bytes"] - (summary["exit_rss_growth_bytes"] or 0)
+    if isinstance(summary["baseline_rss_bytes"], int) and summary["run_peak_rss_bytes"] is not None:
+        summary["working_rss_bytes"] = summary["run_peak_rss_bytes"] - summary["baseline_rss_bytes"]
     try:
         summary["rss_breakdown"] = phase_summary.rss_breakdown(markers)
     except Exception as exc:  # noqa: BLE001 - a hand-edited markers.json must not lose the rest

@@ -98,7 +98,8 @@ def test_sampled_phase_peaks_add_up(sampled_job, role):
     assert s["fl_working_heap_bytes"] == s["fl_peak_heap_bytes"] - s["fl_start_heap_bytes"]
     assert s["fl_working_heap_in_M"] == pytest.approx(s["fl_working_heap_bytes"] / s["model_bytes"])
     assert s["fl_peak_rss_bytes"] <= s["peak_rss_bytes"]
-    assert s["working_rss_bytes"] == s["peak_rss_bytes"] - s["baseline_rss_bytes"] > 0
+    assert s["run_peak_rss_bytes"] == s["peak_rss_bytes"] - (s["exit_rss_growth_bytes"] or 0)
+    assert s["working_rss_bytes"] == s["run_peak_rss_bytes"] - s["baseline_rss_bytes"] > 0
     # The launcher reaped the role with wait4: its ru_maxrss at the very end is on record. It speaks for the
     # role only above what the process inherited from the launcher through exec.
     assert isinstance(markers["final_max_rss_bytes"], int)
