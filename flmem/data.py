@@ -19,6 +19,7 @@ import gzip
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,13 @@ import torch
 import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from flmem.idx import IdxFormatError, IdxHeader, read_all, read_header, read_rows
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CIFAR_FILES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
+DOWNLOAD_TIMEOUT_S = 20.0  # seconds one socket operation of a download may block
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -59,20 +63,49 @@ class SplitDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------ sources
-def _synthetic(cfg, train: bool, block: int = 256) -> SplitData:
+def _synthetic_start(cfg, train: bool):
+    """The split's size, class patterns [K, C, H, W] (float), labels [N] and the generator, ready for the noise."""
     n = cfg.train_size if train else cfg.test_size
     gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
     proto_gen = torch.Generator().manual_seed(int(cfg.seed))  # same class patterns in both splits
     c, s, k = cfg.channels, cfg.image_size, cfg.num_classes
     coarse = torch.rand(k, c, 4, 4, generator=proto_gen)
     patterns = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
-    labels = torch.randint(0, k, (n,), generator=gen)
+    return n, patterns, torch.randint(0, k, (n,), generator=gen), gen
+
+
+def _synthetic(cfg, train: bool, block: int = 256) -> SplitData:
+    n, patterns, labels, gen = _synthetic_start(cfg, train)
+    c, s = cfg.channels, cfg.image_size
     images = torch.empty(n, c, s, s, dtype=torch.uint8)
     for start in range(0, n, block):  # in blocks: float temporaries stay small next to the uint8 result
         stop = min(n, start + block)
         noise = torch.rand(stop - start, c, s, s, generator=gen)
         images[start:stop] = (0.25 * patterns[labels[start:stop]] + 0.75 * noise).mul_(255).round_().to(torch.uint8)
     return SplitData(images, labels)
+
+
+def _synthetic_rows(cfg, train: bool, rows: np.ndarray, block: int = 32) -> SplitData:
+    """Samples ``rows`` (indices, any order) of the synthetic split, equal bit for bit to ``_synthetic``'s.
+
+    The generator's noise is drawn in the same order (a draw of ``a + b`` values equals draws of ``a``
+    then ``b``), up to the last wanted row, ``block`` rows at a time; only wanted rows are kept.
+    """
+    n, patterns, labels, gen = _synthetic_start(cfg, train)
+    c, s = cfg.channels, cfg.image_size
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    images = torch.empty(len(rows), c, s, s, dtype=torch.uint8)
+    for start in range(0, int(wanted[-1]) + 1 if len(rows) else 0, block):
+        stop = min(n, start + block)
+        noise = torch.rand(stop - start, c, s, s, generator=gen)
+        lo, hi = np.searchsorted(wanted, [start, stop])
+        if lo < hi:
+            mine = torch.from_numpy(wanted[lo:hi])
+            images[torch.from_numpy(order[lo:hi])] = \
+                (0.25 * patterns[labels[mine]] + 0.75 * noise[mine - start]).mul_(255).round_().to(torch.uint8)
+    return SplitData(images, labels[torch.from_numpy(rows)].clone())
 
 
 def _tokens(cfg, train: bool) -> SplitData:
@@ -105,14 +138,16 @@ def _ensure_cifar(cfg) -> Path:
     root = Path(cfg.root).expanduser()
     folder = root / "cifar-10-batches-py"
     missing = [f for f in CIFAR_FILES[True] + CIFAR_FILES[False] if not (folder / f).is_file()]
+    failure = None
     if missing and cfg.download:
-        _download(lambda: _CIFAR10(str(root), train=True, download=True), folder)
+        failure = _download(lambda: _CIFAR10(str(root), train=False, download=True))
         missing = [f for f in missing if not (folder / f).is_file()]
     if missing:
         raise DatasetNotFoundError(
             f"dataset=cifar: {folder} lacks {', '.join(missing)}. Expected CIFAR-10 in torchvision's python "
-            f"layout (data_batch_1..5, test_batch). Get it with dataset.download=true (needs the network), "
-            f"or point dataset.root at the folder that holds cifar-10-batches-py.")
+            f"layout (data_batch_1..5, test_batch). "
+            + _fix(failure, f"put cifar-10-python.tar.gz's files in {folder}, or point dataset.root at the folder "
+                            f"that holds cifar-10-batches-py"))
     return root
 
 
@@ -175,12 +210,14 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
         return reader(str(plain))
 
 
-def _ensure_idx(cfg) -> dict[str, Path]:
+def _ensure_idx(cfg) -> dict[str, IdxHeader]:
+    """The four IDX files' checked headers, by stem (downloading them first when allowed and missing)."""
     folders = idx_folders(cfg)
     stems = IDX_FILES[True] + IDX_FILES[False]
+    failure = None
     if any(_find_idx(folders, s) is None for s in stems) and cfg.download:
         cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.FashionMNIST
-        _download(lambda: cls(str(Path(cfg.root).expanduser()), train=True, download=True), folders[0])
+        failure = _download(lambda: cls(str(Path(cfg.root).expanduser()), train=False, download=True))
     found = {s: _find_idx(folders, s) for s in stems}
     missing = [s for s, p in found.items() if p is None]
     if missing:
@@ -188,25 +225,58 @@ def _ensure_idx(cfg) -> dict[str, Path]:
             if cfg.name == "fashion_mnist" else ""
         raise DatasetNotFoundError(
             f"dataset={cfg.name}: no {', '.join(missing)} (plain or .gz) in {' or '.join(map(str, folders))}. "
-            f"Get the files with dataset.download=true (needs the network){hint}, or point dataset.root at the "
-            f"folder that holds {folders[0].parent.name}/raw.")
-    return found
+            + _fix(failure, f"put the files in {folders[0]}{hint}, or point dataset.root at the folder that "
+                            f"holds {folders[0].parent.name}/raw"))
+    headers = {s: read_header(p, 3 if "images" in s else 1) for s, p in found.items()}
+    for images, labels in IDX_FILES.values():
+        if headers[images].count != headers[labels].count:
+            raise IdxFormatError(f"dataset={cfg.name}: {headers[images].path} holds {headers[images].count} images "
+                                 f"but {headers[labels].path} holds {headers[labels].count} labels; "
+                                 f"they must come from the same split")
+    return headers
 
 
 def _idx(cfg, train: bool) -> SplitData:
-    found = _ensure_idx(cfg)
+    headers = _ensure_idx(cfg)
     image_stem, label_stem = IDX_FILES[train]
-    images = _read_idx(found[image_stem], read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
-    return SplitData(images.contiguous(), _read_idx(found[label_stem], read_label_file).to(torch.int64))
+    images = _read_idx(headers[image_stem].path, read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
+    return SplitData(images.contiguous(), _read_idx(headers[label_stem].path, read_label_file).to(torch.int64))
 
 
-def _download(fetch, folder: Path) -> None:
+def _idx_rows(cfg, train: bool, rows=None, rank: int = 0, num_clients: int = 1) -> SplitData:
+    """Some samples of an IDX split without reading the others: ``rows`` (indices), or when None
+    client ``rank``'s partition, computed from the labels file (read whole: one byte per sample)."""
+    headers = _ensure_idx(cfg)
+    image_stem, label_stem = IDX_FILES[train]
+    labels = torch.from_numpy(read_all(headers[label_stem])).to(torch.int64)
+    if rows is None:
+        rows = client_indices(cfg, labels, rank, num_clients)
+    images = torch.from_numpy(read_rows(headers[image_stem], rows)).unsqueeze(1)
+    return _checked(cfg, SplitData(images, labels[torch.from_numpy(np.asarray(rows, dtype=np.int64))].clone()))
+
+
+def _download(fetch) -> str | None:
+    """Run torchvision's download; the reason it failed, or None.
+
+    Every socket operation gives up after ``DOWNLOAD_TIMEOUT_S`` seconds, so a network that drops
+    packets fails in bounded time instead of hanging on the operating system's TCP timeouts.
+    """
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         fetch()
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... keep the cause visible
-        raise DatasetNotFoundError(
-            f"download into {folder} failed ({type(exc).__name__}: {exc}); without the network, put the files "
-            f"there yourself and keep dataset.download=false") from exc
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    finally:
+        socket.setdefaulttimeout(previous)
+    return None
+
+
+def _fix(failure: str | None, by_hand: str) -> str:
+    if failure is None:
+        return f"Get them with dataset.download=true (needs the network), or {by_hand}."
+    return (f"Downloading them through torchvision failed ({failure}). Without the network, {by_hand}; "
+            f"dataset.download=false skips the download.")
 
 
 SOURCES = {"synthetic": _synthetic, "cifar": _cifar, "mnist": _idx, "fashion_mnist": _idx, "tokens": _tokens}
@@ -217,9 +287,13 @@ def load_split(cfg, train: bool) -> SplitData:
 
     Raises:
         DatasetNotFoundError: files missing (the message names the path, the files and the fix).
+        IdxFormatError: an IDX file disagrees with its header (a ValueError).
         ValueError: the files' image shape differs from ``dataset.channels``/``dataset.image_size``.
     """
-    data = SOURCES[cfg.name](cfg, train)
+    return _checked(cfg, SOURCES[cfg.name](cfg, train))
+
+
+def _checked(cfg, data: SplitData) -> SplitData:
     if cfg.name == "tokens":
         return data
     _, c, h, w = data.images.shape
@@ -233,7 +307,8 @@ def check_available(cfg) -> None:
     """Make sure the dataset's files exist, downloading them first when ``dataset.download=true``.
 
     The launcher calls this once, before any process starts, so roles never download concurrently.
-    Reads no images. Raises DatasetNotFoundError naming the folder, the missing files and the fix.
+    Reads no images (IDX headers are checked). Raises DatasetNotFoundError naming the folder, the
+    missing files and the fix, or IdxFormatError naming a file that disagrees with its header.
     """
     if cfg.name == "cifar":
         _ensure_cifar(cfg)
@@ -278,18 +353,28 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     """Client ``rank``'s training samples.
 
     Original path: a ``Subset`` over the whole split, which keeps every client's images alive.
-    Optimized (``release``): copies out the client's own samples and drops the whole split.
+    Optimized (``release``): reads or makes only the client's own samples (``tokens``: copies them
+    out of the whole split and drops it). Both paths give the same samples in the same order.
     """
     if release and cfg.name == "cifar":
         # Removes the whole training split and torchvision's second copy of it (its vstack): one batch
         # file is in memory at a time and only this client's images are kept.
         return SplitDataset(_cifar_client(cfg, rank, num_clients))
+    if release and cfg.name in ("mnist", "fashion_mnist"):
+        # Removes the whole training split (and the unpacked copy of a .gz): labels first, then one pass
+        # over the images keeping this client's rows.
+        return SplitDataset(_idx_rows(cfg, True, rank=rank, num_clients=num_clients))
+    if release and cfg.name == "synthetic":
+        # Removes the whole training split: the noise is still drawn for every sample, in order, but
+        # only this client's images are made and kept.
+        labels = _synthetic_start(cfg, True)[2]
+        return SplitDataset(_synthetic_rows(cfg, True, client_indices(cfg, labels, rank, num_clients)))
     full = load_split(cfg, train=True)
     idx = client_indices(cfg, full.labels, rank, num_clients)
     if not release:
         return torch.utils.data.Subset(SplitDataset(full), idx.tolist())
     index = torch.from_numpy(idx)
-    # Removes the whole training split: only this client's images stay in memory.
+    # Removes the whole training split: only this client's samples stay in memory.
     own = SplitData(full.images[index].clone(), full.labels[index].clone())
     del full
     return SplitDataset(own)
@@ -298,7 +383,8 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
 def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
     """The first ``dataset.test_samples`` samples of the test split (all when null).
 
-    With ``release``, CIFAR-10's test file is read directly instead of through torchvision's reader.
+    With ``release`` only those samples are read (IDX) or made (synthetic); CIFAR-10's test file is
+    read directly instead of through torchvision's reader. Both paths give the same samples.
     """
     if release and cfg.name == "cifar":
         # Removes torchvision's second copy of the test split (its vstack).
@@ -306,6 +392,16 @@ def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
         n = len(entry["labels"]) if cfg.test_samples is None else int(cfg.test_samples)
         images = torch.from_numpy(entry["data"][:n]).view(-1, 3, 32, 32).clone()
         return SplitDataset(SplitData(images, torch.tensor(entry["labels"][:n], dtype=torch.int64)))
+    if release and cfg.name in ("mnist", "fashion_mnist", "synthetic"):
+        # Removes the rest of the test split: only the evaluated samples are read or made.
+        if cfg.name == "synthetic":
+            n = int(cfg.test_size)
+        else:
+            n = _ensure_idx(cfg)[IDX_FILES[False][0]].count
+        rows = np.arange(n if cfg.test_samples is None else min(n, int(cfg.test_samples)))
+        if cfg.name == "synthetic":
+            return SplitDataset(_synthetic_rows(cfg, False, rows))
+        return SplitDataset(_idx_rows(cfg, False, rows))
     data = load_split(cfg, train=False)
     if cfg.test_samples is not None:
         n = int(cfg.test_samples)
