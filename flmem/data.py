@@ -3,20 +3,19 @@
 Images are held as ``uint8`` tensors ``[N, C, H, W]`` with ``int64`` labels ``[N]`` and
 normalized per sample when read. Sources:
 
-* ``tokens``: synthetic token sequences for the decoder-only language model.
-* ``synthetic``: CIFAR-shaped (3x32x32, 10 classes) images made from a seed: a smooth
-  per-class pattern plus noise, so a model can learn it. No files, no download.
+* ``tokens``: synthetic token sequences for the decoder-only language model (flmem.synthetic).
+* ``synthetic``: CIFAR-shaped (3x32x32, 10 classes) images made from a seed (flmem.synthetic).
 * ``cifar``: CIFAR-10 in torchvision's layout, ``ROOT/cifar-10-batches-py``.
 * ``mnist`` / ``fashion_mnist``: IDX files in torchvision's layout, ``ROOT/MNIST/raw`` or
   ``ROOT/FashionMNIST/raw``, gzipped or not; ``fashion_mnist`` also finds Debian's
   ``dataset-fashion-mnist`` package in ``/usr/share/datasets/fashion-mnist``.
 
-Loading never checks torchvision's md5 sums, so re-encoded copies load too.
+Loading never checks torchvision's md5 sums, so re-encoded copies load too. On the optimized
+path (``optimization.release``) a role reads or makes only the samples it keeps.
 """
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import shutil
 import socket
@@ -29,6 +28,7 @@ import torch
 import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from flmem import synthetic
 from flmem.idx import IdxFormatError, IdxHeader, read_all, read_header, read_rows
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -63,65 +63,6 @@ class SplitDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------ sources
-def _synthetic_start(cfg, train: bool):
-    """The split's size, class patterns [K, C, H, W] (float), labels [N] and the generator, ready for the noise."""
-    n = cfg.train_size if train else cfg.test_size
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
-    proto_gen = torch.Generator().manual_seed(int(cfg.seed))  # same class patterns in both splits
-    c, s, k = cfg.channels, cfg.image_size, cfg.num_classes
-    coarse = torch.rand(k, c, 4, 4, generator=proto_gen)
-    patterns = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
-    return n, patterns, torch.randint(0, k, (n,), generator=gen), gen
-
-
-def _synthetic(cfg, train: bool, block: int = 256) -> SplitData:
-    n, patterns, labels, gen = _synthetic_start(cfg, train)
-    c, s = cfg.channels, cfg.image_size
-    images = torch.empty(n, c, s, s, dtype=torch.uint8)
-    for start in range(0, n, block):  # in blocks: float temporaries stay small next to the uint8 result
-        stop = min(n, start + block)
-        noise = torch.rand(stop - start, c, s, s, generator=gen)
-        images[start:stop] = (0.25 * patterns[labels[start:stop]] + 0.75 * noise).mul_(255).round_().to(torch.uint8)
-    return SplitData(images, labels)
-
-
-def _synthetic_rows(cfg, train: bool, rows: np.ndarray, block: int = 32) -> SplitData:
-    """Samples ``rows`` (indices, any order) of the synthetic split, equal bit for bit to ``_synthetic``'s.
-
-    The generator's noise is drawn in the same order (a draw of ``a + b`` values equals draws of ``a``
-    then ``b``), up to the last wanted row, ``block`` rows at a time; only wanted rows are kept.
-    """
-    n, patterns, labels, gen = _synthetic_start(cfg, train)
-    c, s = cfg.channels, cfg.image_size
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    wanted = rows[order]
-    images = torch.empty(len(rows), c, s, s, dtype=torch.uint8)
-    for start in range(0, int(wanted[-1]) + 1 if len(rows) else 0, block):
-        stop = min(n, start + block)
-        noise = torch.rand(stop - start, c, s, s, generator=gen)
-        lo, hi = np.searchsorted(wanted, [start, stop])
-        if lo < hi:
-            mine = torch.from_numpy(wanted[lo:hi])
-            images[torch.from_numpy(order[lo:hi])] = \
-                (0.25 * patterns[labels[mine]] + 0.75 * noise[mine - start]).mul_(255).round_().to(torch.uint8)
-    return SplitData(images, labels[torch.from_numpy(rows)].clone())
-
-
-def _tokens(cfg, train: bool) -> SplitData:
-    """Synthetic language-model data: each sequence mostly follows t -> (5t + 3) mod V, with 10% random tokens."""
-    n = cfg.train_size if train else cfg.test_size
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
-    v, t = int(cfg.vocab_size), int(cfg.seq_len)
-    seq = torch.empty(n, t + 1, dtype=torch.int64)
-    seq[:, 0] = torch.randint(0, v, (n,), generator=gen)
-    noise = torch.rand(n, t, generator=gen) < 0.1
-    random_tokens = torch.randint(0, v, (n, t), generator=gen)
-    for i in range(t):
-        seq[:, i + 1] = torch.where(noise[:, i], random_tokens[:, i], (5 * seq[:, i] + 3) % v)
-    return SplitData(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
-
-
 class _CIFAR10(torchvision.datasets.CIFAR10):
     """torchvision's CIFAR-10 reader with existence checks in place of md5 checks."""
 
@@ -279,7 +220,8 @@ def _fix(failure: str | None, by_hand: str) -> str:
             f"dataset.download=false skips the download.")
 
 
-SOURCES = {"synthetic": _synthetic, "cifar": _cifar, "mnist": _idx, "fashion_mnist": _idx, "tokens": _tokens}
+SOURCES = {"synthetic": lambda cfg, train: SplitData(*synthetic.split(cfg, train)), "cifar": _cifar, "mnist": _idx,
+           "fashion_mnist": _idx, "tokens": lambda cfg, train: SplitData(*synthetic.tokens(cfg, train))}
 
 
 def load_split(cfg, train: bool) -> SplitData:
@@ -367,8 +309,8 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     if release and cfg.name == "synthetic":
         # Removes the whole training split: the noise is still drawn for every sample, in order, but
         # only this client's images are made and kept.
-        labels = _synthetic_start(cfg, True)[2]
-        return SplitDataset(_synthetic_rows(cfg, True, client_indices(cfg, labels, rank, num_clients)))
+        labels = synthetic.prepare(cfg, True)[2]
+        return SplitDataset(SplitData(*synthetic.samples(cfg, True, client_indices(cfg, labels, rank, num_clients))))
     full = load_split(cfg, train=True)
     idx = client_indices(cfg, full.labels, rank, num_clients)
     if not release:
@@ -394,13 +336,10 @@ def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
         return SplitDataset(SplitData(images, torch.tensor(entry["labels"][:n], dtype=torch.int64)))
     if release and cfg.name in ("mnist", "fashion_mnist", "synthetic"):
         # Removes the rest of the test split: only the evaluated samples are read or made.
-        if cfg.name == "synthetic":
-            n = int(cfg.test_size)
-        else:
-            n = _ensure_idx(cfg)[IDX_FILES[False][0]].count
+        n = int(cfg.test_size) if cfg.name == "synthetic" else _ensure_idx(cfg)[IDX_FILES[False][0]].count
         rows = np.arange(n if cfg.test_samples is None else min(n, int(cfg.test_samples)))
         if cfg.name == "synthetic":
-            return SplitDataset(_synthetic_rows(cfg, False, rows))
+            return SplitDataset(SplitData(*synthetic.samples(cfg, False, rows)))
         return SplitDataset(_idx_rows(cfg, False, rows))
     data = load_split(cfg, train=False)
     if cfg.test_samples is not None:
