@@ -16,7 +16,6 @@ path (``optimization.release``) a role reads or makes only the samples it keeps.
 from __future__ import annotations
 
 import gzip
-import pickle
 import shutil
 import socket
 import tempfile
@@ -29,6 +28,7 @@ import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from flmem import synthetic
+from flmem.cifar import CifarFormatError, open_batch
 from flmem.idx import IdxFormatError, IdxHeader, read_all, read_header, read_rows
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -98,29 +98,22 @@ def _cifar(cfg, train: bool) -> SplitData:
     return SplitData(images, torch.tensor(ds.targets, dtype=torch.int64))
 
 
-def _cifar_batch(folder: Path, name: str) -> dict:
-    with open(folder / name, "rb") as fh:  # a local dataset file in torchvision's layout, read as it does
-        return pickle.load(fh, encoding="latin1")
-
-
 def _cifar_client(cfg, rank: int, num_clients: int) -> SplitData:
-    """Client ``rank``'s CIFAR-10 training samples, read one batch file at a time (each dropped before
-    the next is read): a pass for the labels, which the partition needs, then one for the images."""
+    """Client ``rank``'s CIFAR-10 training samples: every batch file's labels (its images left in the
+    file), which the partition needs, then only this client's rows of each file."""
     folder = _ensure_cifar(cfg) / "cifar-10-batches-py"
-    labels: list[int] = []
-    for name in CIFAR_FILES[True]:
-        labels.extend(_cifar_batch(folder, name)["labels"])
-    all_labels = torch.tensor(labels, dtype=torch.int64)
-    idx = torch.from_numpy(client_indices(cfg, all_labels, rank, num_clients))
+    batches = [open_batch(folder / name) for name in CIFAR_FILES[True]]
+    all_labels = torch.tensor([label for batch in batches for label in batch["labels"]], dtype=torch.int64)
+    idx = client_indices(cfg, all_labels, rank, num_clients)
     images = torch.empty(len(idx), 3, 32, 32, dtype=torch.uint8)
     start = 0
-    for name in CIFAR_FILES[True]:
-        rows = torch.from_numpy(_cifar_batch(folder, name)["data"]).view(-1, 3, 32, 32)
-        inside = (idx >= start) & (idx < start + len(rows))
-        images[inside] = rows[idx[inside] - start]
-        start += len(rows)
-        del rows
-    return SplitData(images, all_labels[idx].clone())
+    for batch in batches:
+        count = batch["data"].shape[0]
+        inside = (idx >= start) & (idx < start + count)
+        if inside.any():
+            images[torch.from_numpy(inside)] = torch.from_numpy(batch["data"].rows(idx[inside] - start)).view(-1, 3, 32, 32)
+        start += count
+    return SplitData(images, all_labels[torch.from_numpy(idx)].clone())
 
 
 def idx_folders(cfg) -> list[Path]:
@@ -299,8 +292,8 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     out of the whole split and drops it). Both paths give the same samples in the same order.
     """
     if release and cfg.name == "cifar":
-        # Removes the whole training split and torchvision's second copy of it (its vstack): one batch
-        # file is in memory at a time and only this client's images are kept.
+        # Removes the whole training split and torchvision's second copy of it (its vstack): only this
+        # client's images are read.
         return SplitDataset(_cifar_client(cfg, rank, num_clients))
     if release and cfg.name in ("mnist", "fashion_mnist"):
         # Removes the whole training split (and the unpacked copy of a .gz): labels first, then one pass
@@ -329,10 +322,10 @@ def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
     read directly instead of through torchvision's reader. Both paths give the same samples.
     """
     if release and cfg.name == "cifar":
-        # Removes torchvision's second copy of the test split (its vstack).
-        entry = _cifar_batch(_ensure_cifar(cfg) / "cifar-10-batches-py", CIFAR_FILES[False][0])
-        n = len(entry["labels"]) if cfg.test_samples is None else int(cfg.test_samples)
-        images = torch.from_numpy(entry["data"][:n]).view(-1, 3, 32, 32).clone()
+        # Removes the rest of the test split and torchvision's second copy of it (its vstack).
+        entry = open_batch(_ensure_cifar(cfg) / "cifar-10-batches-py" / CIFAR_FILES[False][0])
+        n = len(entry["labels"]) if cfg.test_samples is None else min(len(entry["labels"]), int(cfg.test_samples))
+        images = torch.from_numpy(entry["data"].rows(np.arange(n))).view(-1, 3, 32, 32)
         return SplitDataset(SplitData(images, torch.tensor(entry["labels"][:n], dtype=torch.int64)))
     if release and cfg.name in ("mnist", "fashion_mnist", "synthetic"):
         # Removes the rest of the test split: only the evaluated samples are read or made.

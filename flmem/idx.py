@@ -4,12 +4,8 @@ Format (LeCun et al., http://yann.lecun.com/exdb/mnist/): a big-endian header, t
 a type byte (``0x08``: unsigned byte), the number of dimensions, then one ``uint32`` per
 dimension; the payload follows in row-major order. Files may be gzipped (``.gz``).
 
-Reading only some rows keeps a role's memory at the size of what it keeps:
-
-* plain files are memory-mapped one window (``WINDOW_BYTES``) at a time, and only windows
-  holding a wanted row are mapped; memray counts a mapping as an allocation of its length,
-  so one map over a 47 MB file would read as 47 MB;
-* ``.gz`` files are decompressed in one pass, a window at a time, keeping the wanted rows.
+``read_rows`` reads only some rows (flmem.rows): a plain file is memory-mapped window by
+window, a ``.gz`` one decompressed in one pass.
 """
 from __future__ import annotations
 
@@ -21,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from flmem.rows import mapped_rows, streamed_rows
+
 UBYTE = 0x08
-WINDOW_BYTES = 1 << 20  # bytes mapped or decompressed at a time
 
 
 class IdxFormatError(ValueError):
@@ -86,61 +83,35 @@ def read_header(path: Path, ndim: int) -> IdxHeader:
     return header
 
 
-def read_rows(header: IdxHeader, rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` (indices into the first dimension, any order) as ``uint8`` ``[len(rows), *dims[1:]]``.
+def read_rows(header: IdxHeader, rows) -> np.ndarray:
+    """Rows ``rows`` (indices [R] into the first dimension, any order) as ``uint8`` ``[R, *dims[1:]]``.
 
-    Holds the result plus about ``WINDOW_BYTES`` (bytes). A gzipped file is read to its end, so a
-    truncated or over-long one raises IdxFormatError even when the wanted rows come first.
+    Holds the result plus about ``flmem.rows.WINDOW_BYTES``. A plain file is mapped window by window
+    (its size was checked with its header); a gzipped one is decompressed in one pass to its end, so
+    a truncated or over-long one raises IdxFormatError even when the wanted rows come first.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) and (rows.min() < 0 or rows.max() >= header.count):
-        raise IdxFormatError(f"{header.path}: row {int(rows.max())} asked for, but the file holds {header.count}")
-    order = np.argsort(rows, kind="stable")
-    wanted = rows[order]
-    out = np.empty((len(rows), *header.dims[1:]), dtype=np.uint8)
-    per_window = max(1, WINDOW_BYTES // max(1, header.row_bytes))
-    plain = header.path.suffix != ".gz"
-    with (open(header.path, "rb") if plain else gzip.open(header.path, "rb")) as fh:
-        if not plain:
+    row_shape = header.dims[1:]
+    try:
+        if header.path.suffix != ".gz":
+            return mapped_rows(header.path, header.offset, header.count, row_shape, rows)
+        with gzip.open(header.path, "rb") as fh:
             fh.read(header.offset)
-            window = np.empty((per_window, *header.dims[1:]), dtype=np.uint8)
-        for start in range(0, header.count, per_window):
-            stop = min(header.count, start + per_window)
-            lo, hi = np.searchsorted(wanted, [start, stop])
-            if plain:
-                if lo == hi:
-                    continue  # no wanted row here: nothing is mapped
-                mapped = np.memmap(fh, dtype=np.uint8, mode="r", offset=header.offset + start * header.row_bytes,
-                                   shape=(stop - start, *header.dims[1:]))
-                out[order[lo:hi]] = mapped[wanted[lo:hi] - start]
-                del mapped
-            else:
-                _read_exactly(fh, window[: stop - start], header, start)
-                out[order[lo:hi]] = window[wanted[lo:hi] - start]
-        if not plain and fh.read(1):
-            raise IdxFormatError(f"{header.path}: longer than the {header.payload_bytes} payload bytes its header "
-                                 f"announces; replace it with the dataset's file")
-    return out
+            out = streamed_rows(fh.readinto, header.count, row_shape, rows, header.path, lambda held: (
+                f"{header.path}: truncated: {header.offset + held} bytes uncompressed, but its header announces "
+                f"{' x '.join(map(str, header.dims))} unsigned bytes ({header.offset + header.payload_bytes} "
+                f"bytes with the header); replace it with the dataset's file"))
+            if fh.read(1):
+                raise IdxFormatError(f"{header.path}: longer than the {header.payload_bytes} payload bytes its "
+                                     f"header announces; replace it with the dataset's file")
+            return out
+    except IdxFormatError:
+        raise
+    except (ValueError, IndexError, OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise IdxFormatError(str(exc) if str(header.path) in str(exc) else
+                             f"{header.path}: unreadable ({type(exc).__name__}: {exc}); replace it with the "
+                             f"dataset's file") from exc
 
 
 def read_all(header: IdxHeader) -> np.ndarray:
     """The whole payload as ``uint8`` ``header.dims`` (for small files: labels)."""
     return read_rows(header, np.arange(header.count))
-
-
-def _read_exactly(fh, window: np.ndarray, header: IdxHeader, start: int) -> None:
-    view, got = memoryview(window).cast("B"), 0
-    try:
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    except (OSError, EOFError, zlib.error) as exc:
-        raise IdxFormatError(f"{header.path}: unreadable after row {start} ({type(exc).__name__}: {exc}); "
-                             f"replace it with the dataset's file") from exc
-    if got < len(view):
-        held = header.offset + start * header.row_bytes + got
-        raise IdxFormatError(f"{header.path}: truncated: {held} bytes uncompressed, but its header announces "
-                             f"{' x '.join(map(str, header.dims))} unsigned bytes "
-                             f"({header.offset + header.payload_bytes} bytes with the header)")
