@@ -212,6 +212,34 @@ def test_cifar_client_reads_the_same_samples_batch_by_batch(tmp_path):
     assert peaks[True] < 0.5 * peaks[False], peaks  # one batch file at a time, not the whole split twice
 
 
+@pytest.mark.parametrize("python2", [True, False])
+def test_cifar_client_reads_the_same_samples_from_either_pickle(tmp_path, python2):
+    write_cifar(tmp_path, per_batch=60, test=30, python2=python2)  # 184 kB batches: their images stay in the files
+    cfg = ds_cfg("cifar", tmp_path, partition="dirichlet", test_samples=25)
+    for rank in range(3):
+        assert_same_samples(data.client_dataset(cfg, rank, 3, release=True), data.client_dataset(cfg, rank, 3, False))
+    assert_same_samples(data.test_dataset(cfg, release=True), data.test_dataset(cfg, release=False))
+
+
+@pytest.mark.parametrize("python2", [True, False])
+def test_a_truncated_cifar_batch_is_named(tmp_path, python2):
+    folder = write_cifar(tmp_path, per_batch=60, test=30, python2=python2)
+    path = folder / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(data.CifarFormatError, match="truncated") as err:
+        data.client_dataset(ds_cfg("cifar", tmp_path), rank=0, num_clients=2, release=True)
+    assert str(path) in str(err.value)
+
+
+def test_a_cifar_batch_naming_other_code_is_refused(tmp_path):
+    import pickle
+
+    folder = write_cifar(tmp_path, per_batch=5, test=5)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"labels": [1], "data": print}, protocol=2))
+    with pytest.raises(data.CifarFormatError, match="names __builtin__.print, which a CIFAR-10 batch file does not"):
+        data.client_dataset(ds_cfg("cifar", tmp_path), rank=0, num_clients=2, release=True)
+
+
 def test_cifar_test_split_is_the_same_read_directly(tmp_path):
     write_cifar(tmp_path, per_batch=5, test=30)
     cfg = ds_cfg("cifar", tmp_path, test_samples=20)
