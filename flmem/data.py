@@ -111,7 +111,8 @@ def _cifar_client(cfg, rank: int, num_clients: int) -> SplitData:
         count = batch["data"].shape[0]
         inside = (idx >= start) & (idx < start + count)
         if inside.any():
-            images[torch.from_numpy(inside)] = torch.from_numpy(batch["data"].rows(idx[inside] - start)).view(-1, 3, 32, 32)
+            rows = batch["data"].rows(idx[inside] - start)  # [R, 3072] in the file's CHW order
+            images[torch.from_numpy(inside)] = torch.from_numpy(rows).view(-1, 3, 32, 32)
         start += count
     return SplitData(images, all_labels[torch.from_numpy(idx)].clone())
 
@@ -290,6 +291,9 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     Original path: a ``Subset`` over the whole split, which keeps every client's images alive.
     Optimized (``release``): reads or makes only the client's own samples (``tokens``: copies them
     out of the whole split and drops it). Both paths give the same samples in the same order.
+
+    Raises DatasetNotFoundError (files missing), IdxFormatError or CifarFormatError (a file that
+    is not what its dataset holds; both ValueError), ValueError (shape differs from the config).
     """
     if release and cfg.name == "cifar":
         # Removes the whole training split and torchvision's second copy of it (its vstack): only this
@@ -303,7 +307,8 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
         # Removes the whole training split: the noise is still drawn for every sample, in order, but
         # only this client's images are made and kept.
         labels = synthetic.prepare(cfg, True)[2]
-        return SplitDataset(SplitData(*synthetic.samples(cfg, True, client_indices(cfg, labels, rank, num_clients))))
+        mine = client_indices(cfg, labels, rank, num_clients)
+        return SplitDataset(SplitData(*synthetic.samples(cfg, True, mine)))
     full = load_split(cfg, train=True)
     idx = client_indices(cfg, full.labels, rank, num_clients)
     if not release:
@@ -318,8 +323,8 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
 def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
     """The first ``dataset.test_samples`` samples of the test split (all when null).
 
-    With ``release`` only those samples are read (IDX) or made (synthetic); CIFAR-10's test file is
-    read directly instead of through torchvision's reader. Both paths give the same samples.
+    With ``release`` only those samples are read (IDX, CIFAR-10: not through torchvision's readers)
+    or made (synthetic). Both paths give the same samples.
     """
     if release and cfg.name == "cifar":
         # Removes the rest of the test split and torchvision's second copy of it (its vstack).
