@@ -77,6 +77,13 @@ def test_a_failed_download_names_the_folder_the_files_and_the_fix(tmp_path, monk
     assert ("lacks data_batch_1" if name == "cifar" else "no train-images-idx3-ubyte") in message
 
 
+def test_fashion_mnist_finds_debian_files_before_downloading(tmp_path, monkeypatch, free_port):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):  # a download would fail
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port}")
+    data.check_available(ds_cfg("fashion_mnist", tmp_path, download=True))
+    assert not (tmp_path / "FashionMNIST").exists()  # nothing was fetched
+
+
 def test_shape_mismatch_names_the_keys(tmp_path):
     write_idx(tmp_path / "MNIST" / "raw", train=5, test=5)
     with pytest.raises(ValueError, match="dataset.channels=3"):
