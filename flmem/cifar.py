@@ -110,15 +110,18 @@ def _latin1_utf8_reader(fh, length: int):
     return readinto
 
 
-def _encode(text, encoding="utf-8"):  # Python 3's protocol-2 pickling of bytes: codecs.encode(str, "latin1")
-    if isinstance(text, _Payload) and encoding == "latin1":
-        return _Payload(text.offset, text.length, "latin1-in-utf8")
-    return codecs.encode(text, encoding)
+def _encode(text, encoding):  # Python 3's protocol-2 pickling of bytes: codecs.encode(str, "latin1")
+    if encoding != "latin1" or not isinstance(text, (str, _Payload)):
+        raise CifarFormatError(f"encodes a string with {encoding!r}, which a CIFAR-10 batch file does not")
+    return _Payload(text.offset, text.length, "latin1-in-utf8") if isinstance(text, _Payload) else text.encode("latin1")
+
+
+_NDARRAY = object()  # stands for numpy.ndarray as _reconstruct's argument: nothing may call it
 
 
 class _BatchUnpickler(pickle._Unpickler):  # the Python one: its opcodes can be replaced one by one
     dispatch = dict(pickle._Unpickler.dispatch)
-    GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _encode}
+    GLOBALS = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _encode}
 
     def __init__(self, fh, path: Path):
         super().__init__(fh, encoding="latin1")  # as torchvision reads them: Python 2 strings as latin-1
@@ -171,7 +174,9 @@ def open_batch(path: Path) -> dict:
             entry = _BatchUnpickler(fh, path).load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as exc:
             if isinstance(exc, CifarFormatError):
-                raise
+                if str(path) in str(exc):
+                    raise
+                raise CifarFormatError(f"{path}: {exc}; refused (replace the file with the dataset's)") from exc
             raise CifarFormatError(f"{path}: not a CIFAR-10 batch file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(entry, dict) or not isinstance(entry.get("data"), LazyRows) or "labels" not in entry:
         raise CifarFormatError(f"{path}: not a CIFAR-10 batch file (expected a dict with data and labels)")

@@ -238,13 +238,19 @@ def test_a_truncated_cifar_batch_is_named(tmp_path, python2):
     assert str(path) in str(err.value)
 
 
-def test_a_cifar_batch_naming_other_code_is_refused(tmp_path):
+@pytest.mark.parametrize("content, expected", [
+    ({"labels": [1], "data": print}, "names __builtin__.print, which a CIFAR-10 batch file does not"),
+    ({"labels": [1], "data": bytes(3)}, "expected a dict with data and labels"),
+    ({"labels": [1, 2], "data": np.zeros((1, 3072), np.uint8)}, "1 images but 2 labels"),
+])
+def test_a_cifar_batch_naming_other_code_is_refused(tmp_path, content, expected):
     import pickle
 
     folder = write_cifar(tmp_path, per_batch=5, test=5)
-    (folder / "data_batch_1").write_bytes(pickle.dumps({"labels": [1], "data": print}, protocol=2))
-    with pytest.raises(data.CifarFormatError, match="names __builtin__.print, which a CIFAR-10 batch file does not"):
+    (folder / "data_batch_1").write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(data.CifarFormatError) as err:
         data.client_dataset(ds_cfg("cifar", tmp_path), rank=0, num_clients=2, release=True)
+    assert str(folder / "data_batch_1") in str(err.value) and expected in str(err.value)
 
 
 def test_cifar_test_split_is_the_same_read_directly(tmp_path):
