@@ -3,22 +3,21 @@
 Images are held as ``uint8`` tensors ``[N, C, H, W]`` with ``int64`` labels ``[N]`` and
 normalized per sample when read. Sources:
 
-* ``tokens``: synthetic token sequences for the decoder-only language model.
-* ``synthetic``: CIFAR-shaped (3x32x32, 10 classes) images made from a seed: a smooth
-  per-class pattern plus noise, so a model can learn it. No files, no download.
+* ``tokens``: synthetic token sequences for the decoder-only language model (flmem.synthetic).
+* ``synthetic``: CIFAR-shaped (3x32x32, 10 classes) images made from a seed (flmem.synthetic).
 * ``cifar``: CIFAR-10 in torchvision's layout, ``ROOT/cifar-10-batches-py``.
 * ``mnist`` / ``fashion_mnist``: IDX files in torchvision's layout, ``ROOT/MNIST/raw`` or
   ``ROOT/FashionMNIST/raw``, gzipped or not; ``fashion_mnist`` also finds Debian's
   ``dataset-fashion-mnist`` package in ``/usr/share/datasets/fashion-mnist``.
 
-Loading never checks torchvision's md5 sums, so re-encoded copies load too.
+Loading never checks torchvision's md5 sums, so re-encoded copies load too. On the optimized
+path (``optimization.release``) a role reads or makes only the samples it keeps.
 """
 from __future__ import annotations
 
 import gzip
-import os
-import pickle
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,15 @@ import torch
 import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from flmem import synthetic
+from flmem.cifar import CifarFormatError, open_batch
+from flmem.idx import IdxFormatError, IdxHeader, read_all, read_header, read_rows
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CIFAR_FILES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
+DOWNLOAD_TIMEOUT_S = 20.0  # seconds one socket operation of a download may block
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -59,36 +63,6 @@ class SplitDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------ sources
-def _synthetic(cfg, train: bool, block: int = 256) -> SplitData:
-    n = cfg.train_size if train else cfg.test_size
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
-    proto_gen = torch.Generator().manual_seed(int(cfg.seed))  # same class patterns in both splits
-    c, s, k = cfg.channels, cfg.image_size, cfg.num_classes
-    coarse = torch.rand(k, c, 4, 4, generator=proto_gen)
-    patterns = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
-    labels = torch.randint(0, k, (n,), generator=gen)
-    images = torch.empty(n, c, s, s, dtype=torch.uint8)
-    for start in range(0, n, block):  # in blocks: float temporaries stay small next to the uint8 result
-        stop = min(n, start + block)
-        noise = torch.rand(stop - start, c, s, s, generator=gen)
-        images[start:stop] = (0.25 * patterns[labels[start:stop]] + 0.75 * noise).mul_(255).round_().to(torch.uint8)
-    return SplitData(images, labels)
-
-
-def _tokens(cfg, train: bool) -> SplitData:
-    """Synthetic language-model data: each sequence mostly follows t -> (5t + 3) mod V, with 10% random tokens."""
-    n = cfg.train_size if train else cfg.test_size
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 2 + (0 if train else 1))
-    v, t = int(cfg.vocab_size), int(cfg.seq_len)
-    seq = torch.empty(n, t + 1, dtype=torch.int64)
-    seq[:, 0] = torch.randint(0, v, (n,), generator=gen)
-    noise = torch.rand(n, t, generator=gen) < 0.1
-    random_tokens = torch.randint(0, v, (n, t), generator=gen)
-    for i in range(t):
-        seq[:, i + 1] = torch.where(noise[:, i], random_tokens[:, i], (5 * seq[:, i] + 3) % v)
-    return SplitData(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
-
-
 class _CIFAR10(torchvision.datasets.CIFAR10):
     """torchvision's CIFAR-10 reader with existence checks in place of md5 checks."""
 
@@ -105,14 +79,16 @@ def _ensure_cifar(cfg) -> Path:
     root = Path(cfg.root).expanduser()
     folder = root / "cifar-10-batches-py"
     missing = [f for f in CIFAR_FILES[True] + CIFAR_FILES[False] if not (folder / f).is_file()]
+    failure = None
     if missing and cfg.download:
-        _download(lambda: _CIFAR10(str(root), train=True, download=True), folder)
+        failure = _download(lambda: _CIFAR10(str(root), train=False, download=True))
         missing = [f for f in missing if not (folder / f).is_file()]
     if missing:
         raise DatasetNotFoundError(
             f"dataset=cifar: {folder} lacks {', '.join(missing)}. Expected CIFAR-10 in torchvision's python "
-            f"layout (data_batch_1..5, test_batch). Get it with dataset.download=true (needs the network), "
-            f"or point dataset.root at the folder that holds cifar-10-batches-py.")
+            f"layout (data_batch_1..5, test_batch). "
+            + _fix(failure, f"put cifar-10-python.tar.gz's files in {folder}, or point dataset.root at the folder "
+                            f"that holds cifar-10-batches-py"))
     return root
 
 
@@ -122,29 +98,23 @@ def _cifar(cfg, train: bool) -> SplitData:
     return SplitData(images, torch.tensor(ds.targets, dtype=torch.int64))
 
 
-def _cifar_batch(folder: Path, name: str) -> dict:
-    with open(folder / name, "rb") as fh:  # a local dataset file in torchvision's layout, read as it does
-        return pickle.load(fh, encoding="latin1")
-
-
 def _cifar_client(cfg, rank: int, num_clients: int) -> SplitData:
-    """Client ``rank``'s CIFAR-10 training samples, read one batch file at a time (each dropped before
-    the next is read): a pass for the labels, which the partition needs, then one for the images."""
+    """Client ``rank``'s CIFAR-10 training samples: every batch file's labels (its images left in the
+    file), which the partition needs, then only this client's rows of each file."""
     folder = _ensure_cifar(cfg) / "cifar-10-batches-py"
-    labels: list[int] = []
-    for name in CIFAR_FILES[True]:
-        labels.extend(_cifar_batch(folder, name)["labels"])
-    all_labels = torch.tensor(labels, dtype=torch.int64)
-    idx = torch.from_numpy(client_indices(cfg, all_labels, rank, num_clients))
+    batches = [open_batch(folder / name) for name in CIFAR_FILES[True]]
+    all_labels = torch.tensor([label for batch in batches for label in batch["labels"]], dtype=torch.int64)
+    idx = client_indices(cfg, all_labels, rank, num_clients)
     images = torch.empty(len(idx), 3, 32, 32, dtype=torch.uint8)
     start = 0
-    for name in CIFAR_FILES[True]:
-        rows = torch.from_numpy(_cifar_batch(folder, name)["data"]).view(-1, 3, 32, 32)
-        inside = (idx >= start) & (idx < start + len(rows))
-        images[inside] = rows[idx[inside] - start]
-        start += len(rows)
-        del rows
-    return SplitData(images, all_labels[idx].clone())
+    for batch in batches:
+        count = batch["data"].shape[0]
+        inside = (idx >= start) & (idx < start + count)
+        if inside.any():
+            rows = batch["data"].rows(idx[inside] - start)  # [R, 3072] in the file's CHW order
+            images[torch.from_numpy(inside)] = torch.from_numpy(rows).view(-1, 3, 32, 32)
+        start += count
+    return SplitData(images, all_labels[torch.from_numpy(idx)].clone())
 
 
 def idx_folders(cfg) -> list[Path]:
@@ -175,12 +145,14 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
         return reader(str(plain))
 
 
-def _ensure_idx(cfg) -> dict[str, Path]:
+def _ensure_idx(cfg) -> dict[str, IdxHeader]:
+    """The four IDX files' checked headers, by stem (downloading them first when allowed and missing)."""
     folders = idx_folders(cfg)
     stems = IDX_FILES[True] + IDX_FILES[False]
+    failure = None
     if any(_find_idx(folders, s) is None for s in stems) and cfg.download:
         cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.FashionMNIST
-        _download(lambda: cls(str(Path(cfg.root).expanduser()), train=True, download=True), folders[0])
+        failure = _download(lambda: cls(str(Path(cfg.root).expanduser()), train=False, download=True))
     found = {s: _find_idx(folders, s) for s in stems}
     missing = [s for s, p in found.items() if p is None]
     if missing:
@@ -188,28 +160,62 @@ def _ensure_idx(cfg) -> dict[str, Path]:
             if cfg.name == "fashion_mnist" else ""
         raise DatasetNotFoundError(
             f"dataset={cfg.name}: no {', '.join(missing)} (plain or .gz) in {' or '.join(map(str, folders))}. "
-            f"Get the files with dataset.download=true (needs the network){hint}, or point dataset.root at the "
-            f"folder that holds {folders[0].parent.name}/raw.")
-    return found
+            + _fix(failure, f"put the files in {folders[0]}{hint}, or point dataset.root at the folder that "
+                            f"holds {folders[0].parent.name}/raw"))
+    headers = {s: read_header(p, 3 if "images" in s else 1) for s, p in found.items()}
+    for images, labels in IDX_FILES.values():
+        if headers[images].count != headers[labels].count:
+            raise IdxFormatError(f"dataset={cfg.name}: {headers[images].path} holds {headers[images].count} images "
+                                 f"but {headers[labels].path} holds {headers[labels].count} labels; "
+                                 f"they must come from the same split")
+    return headers
 
 
 def _idx(cfg, train: bool) -> SplitData:
-    found = _ensure_idx(cfg)
+    headers = _ensure_idx(cfg)
     image_stem, label_stem = IDX_FILES[train]
-    images = _read_idx(found[image_stem], read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
-    return SplitData(images.contiguous(), _read_idx(found[label_stem], read_label_file).to(torch.int64))
+    images = _read_idx(headers[image_stem].path, read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
+    return SplitData(images.contiguous(), _read_idx(headers[label_stem].path, read_label_file).to(torch.int64))
 
 
-def _download(fetch, folder: Path) -> None:
+def _idx_rows(cfg, train: bool, rows=None, rank: int = 0, num_clients: int = 1) -> SplitData:
+    """Some samples of an IDX split without reading the others: ``rows`` (indices), or when None
+    client ``rank``'s partition, computed from the labels file (read whole: one byte per sample)."""
+    headers = _ensure_idx(cfg)
+    image_stem, label_stem = IDX_FILES[train]
+    labels = torch.from_numpy(read_all(headers[label_stem])).to(torch.int64)
+    if rows is None:
+        rows = client_indices(cfg, labels, rank, num_clients)
+    images = torch.from_numpy(read_rows(headers[image_stem], rows)).unsqueeze(1)
+    return _checked(cfg, SplitData(images, labels[torch.from_numpy(np.asarray(rows, dtype=np.int64))].clone()))
+
+
+def _download(fetch) -> str | None:
+    """Run torchvision's download; the reason it failed, or None.
+
+    Every socket operation gives up after ``DOWNLOAD_TIMEOUT_S`` seconds, so a network that drops
+    packets fails in bounded time instead of hanging on the operating system's TCP timeouts.
+    """
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         fetch()
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... keep the cause visible
-        raise DatasetNotFoundError(
-            f"download into {folder} failed ({type(exc).__name__}: {exc}); without the network, put the files "
-            f"there yourself and keep dataset.download=false") from exc
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    finally:
+        socket.setdefaulttimeout(previous)
+    return None
 
 
-SOURCES = {"synthetic": _synthetic, "cifar": _cifar, "mnist": _idx, "fashion_mnist": _idx, "tokens": _tokens}
+def _fix(failure: str | None, by_hand: str) -> str:
+    if failure is None:
+        return f"Get them with dataset.download=true (needs the network), or {by_hand}."
+    return (f"Downloading them through torchvision failed ({failure}). Without the network, {by_hand}; "
+            f"dataset.download=false skips the download.")
+
+
+SOURCES = {"synthetic": lambda cfg, train: SplitData(*synthetic.split(cfg, train)), "cifar": _cifar, "mnist": _idx,
+           "fashion_mnist": _idx, "tokens": lambda cfg, train: SplitData(*synthetic.tokens(cfg, train))}
 
 
 def load_split(cfg, train: bool) -> SplitData:
@@ -217,9 +223,13 @@ def load_split(cfg, train: bool) -> SplitData:
 
     Raises:
         DatasetNotFoundError: files missing (the message names the path, the files and the fix).
+        IdxFormatError: an IDX file disagrees with its header (a ValueError).
         ValueError: the files' image shape differs from ``dataset.channels``/``dataset.image_size``.
     """
-    data = SOURCES[cfg.name](cfg, train)
+    return _checked(cfg, SOURCES[cfg.name](cfg, train))
+
+
+def _checked(cfg, data: SplitData) -> SplitData:
     if cfg.name == "tokens":
         return data
     _, c, h, w = data.images.shape
@@ -233,7 +243,8 @@ def check_available(cfg) -> None:
     """Make sure the dataset's files exist, downloading them first when ``dataset.download=true``.
 
     The launcher calls this once, before any process starts, so roles never download concurrently.
-    Reads no images. Raises DatasetNotFoundError naming the folder, the missing files and the fix.
+    Reads no images (IDX headers are checked). Raises DatasetNotFoundError naming the folder, the
+    missing files and the fix, or IdxFormatError naming a file that disagrees with its header.
     """
     if cfg.name == "cifar":
         _ensure_cifar(cfg)
@@ -278,18 +289,32 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     """Client ``rank``'s training samples.
 
     Original path: a ``Subset`` over the whole split, which keeps every client's images alive.
-    Optimized (``release``): copies out the client's own samples and drops the whole split.
+    Optimized (``release``): reads or makes only the client's own samples (``tokens``: copies them
+    out of the whole split and drops it). Both paths give the same samples in the same order.
+
+    Raises DatasetNotFoundError (files missing), IdxFormatError or CifarFormatError (a file that
+    is not what its dataset holds; both ValueError), ValueError (shape differs from the config).
     """
     if release and cfg.name == "cifar":
-        # Removes the whole training split and torchvision's second copy of it (its vstack): one batch
-        # file is in memory at a time and only this client's images are kept.
+        # Removes the whole training split and torchvision's second copy of it (its vstack): only this
+        # client's images are read.
         return SplitDataset(_cifar_client(cfg, rank, num_clients))
+    if release and cfg.name in ("mnist", "fashion_mnist"):
+        # Removes the whole training split (and the unpacked copy of a .gz): labels first, then one pass
+        # over the images keeping this client's rows.
+        return SplitDataset(_idx_rows(cfg, True, rank=rank, num_clients=num_clients))
+    if release and cfg.name == "synthetic":
+        # Removes the whole training split: the noise is still drawn for every sample, in order, but
+        # only this client's images are made and kept.
+        labels = synthetic.prepare(cfg, True)[2]
+        mine = client_indices(cfg, labels, rank, num_clients)
+        return SplitDataset(SplitData(*synthetic.samples(cfg, True, mine)))
     full = load_split(cfg, train=True)
     idx = client_indices(cfg, full.labels, rank, num_clients)
     if not release:
         return torch.utils.data.Subset(SplitDataset(full), idx.tolist())
     index = torch.from_numpy(idx)
-    # Removes the whole training split: only this client's images stay in memory.
+    # Removes the whole training split: only this client's samples stay in memory.
     own = SplitData(full.images[index].clone(), full.labels[index].clone())
     del full
     return SplitDataset(own)
@@ -298,14 +323,22 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
 def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
     """The first ``dataset.test_samples`` samples of the test split (all when null).
 
-    With ``release``, CIFAR-10's test file is read directly instead of through torchvision's reader.
+    With ``release`` only those samples are read (IDX, CIFAR-10: not through torchvision's readers)
+    or made (synthetic). Both paths give the same samples.
     """
     if release and cfg.name == "cifar":
-        # Removes torchvision's second copy of the test split (its vstack).
-        entry = _cifar_batch(_ensure_cifar(cfg) / "cifar-10-batches-py", CIFAR_FILES[False][0])
-        n = len(entry["labels"]) if cfg.test_samples is None else int(cfg.test_samples)
-        images = torch.from_numpy(entry["data"][:n]).view(-1, 3, 32, 32).clone()
+        # Removes the rest of the test split and torchvision's second copy of it (its vstack).
+        entry = open_batch(_ensure_cifar(cfg) / "cifar-10-batches-py" / CIFAR_FILES[False][0])
+        n = len(entry["labels"]) if cfg.test_samples is None else min(len(entry["labels"]), int(cfg.test_samples))
+        images = torch.from_numpy(entry["data"].rows(np.arange(n))).view(-1, 3, 32, 32)
         return SplitDataset(SplitData(images, torch.tensor(entry["labels"][:n], dtype=torch.int64)))
+    if release and cfg.name in ("mnist", "fashion_mnist", "synthetic"):
+        # Removes the rest of the test split: only the evaluated samples are read or made.
+        n = int(cfg.test_size) if cfg.name == "synthetic" else _ensure_idx(cfg)[IDX_FILES[False][0]].count
+        rows = np.arange(n if cfg.test_samples is None else min(n, int(cfg.test_samples)))
+        if cfg.name == "synthetic":
+            return SplitDataset(SplitData(*synthetic.samples(cfg, False, rows)))
+        return SplitDataset(_idx_rows(cfg, False, rows))
     data = load_split(cfg, train=False)
     if cfg.test_samples is not None:
         n = int(cfg.test_samples)

@@ -28,8 +28,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_cifar(root: Path, per_batch: int = 40, test: int = 40, seed: int = 0) -> Path:
-    """CIFAR-10 in torchvision's python layout (``root/cifar-10-batches-py``), with few images."""
+class _Python2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2's cPickle did its strings (BINSTRING), as in the published CIFAR-10 files."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def write_cifar(root: Path, per_batch: int = 40, test: int = 40, seed: int = 0, python2: bool = True) -> Path:
+    """CIFAR-10 in torchvision's python layout (``root/cifar-10-batches-py``), with few images.
+
+    ``python2``: the image bytes lie raw in the file, as in the published files (Python 2 pickles);
+    False: as Python 3 writes protocol 2 (a latin-1 text string re-encoded when loaded).
+    """
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,7 +53,7 @@ def write_cifar(root: Path, per_batch: int = 40, test: int = 40, seed: int = 0) 
         batch = {"batch_label": name, "labels": rng.integers(0, 10, n).tolist(),
                  "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
         with open(folder / name, "wb") as fh:
-            pickle.dump(batch, fh, protocol=2)
+            (_Python2Pickler(fh, protocol=2).dump if python2 else pickle.Pickler(fh, protocol=2).dump)(batch)
 
     for i in range(1, 6):
         dump(f"data_batch_{i}", per_batch)

@@ -45,12 +45,43 @@ def test_fashion_mnist_from_debian_package(tmp_path):
 @pytest.mark.parametrize("name, expected", [
     ("cifar", "cifar-10-batches-py lacks data_batch_1"),
     ("mnist", "no train-images-idx3-ubyte"),
-])
+])  # ds_cfg sets dataset.download=false
 def test_missing_files_name_path_files_and_fix(tmp_path, name, expected):
     with pytest.raises(data.DatasetNotFoundError) as err:
         data.check_available(ds_cfg(name, tmp_path))
     message = str(err.value)
     assert expected in message and str(tmp_path) in message and "dataset.download=true" in message
+
+
+@pytest.mark.parametrize("name", ["cifar", "mnist", "fashion_mnist"])
+def test_the_datasets_with_files_download_by_default(name):
+    from hydra import compose, initialize_config_dir
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        assert compose("config", overrides=[f"dataset={name}"]).dataset.download is True
+
+
+@pytest.mark.parametrize("name", ["cifar", "mnist"])
+def test_a_failed_download_names_the_folder_the_files_and_the_fix(tmp_path, monkeypatch, free_port, name):
+    # No network, whatever this machine has: every request goes to a proxy on a closed local port.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.check_available(ds_cfg(name, tmp_path, download=True))
+    message = " ".join(str(err.value).split())
+    folder = tmp_path / ("cifar-10-batches-py" if name == "cifar" else "MNIST/raw")
+    assert str(folder) in message and "failed" in message and "dataset.download=false" in message
+    assert ("lacks data_batch_1" if name == "cifar" else "no train-images-idx3-ubyte") in message
+
+
+def test_fashion_mnist_finds_debian_files_before_downloading(tmp_path, monkeypatch, free_port):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):  # a download would fail
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port}")
+    data.check_available(ds_cfg("fashion_mnist", tmp_path, download=True))
+    assert not (tmp_path / "FashionMNIST").exists()  # nothing was fetched
 
 
 def test_shape_mismatch_names_the_keys(tmp_path):
@@ -73,6 +104,92 @@ def test_dirichlet_partition_skews_labels_and_is_seeded():
     assert max(shares) > 0.4  # alpha=0.1: some client is dominated by one class
     again = data.partition(labels, 4, "dirichlet", 0.1, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def assert_same_samples(ds, reference):
+    assert len(ds) == len(reference)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][0], reference[i][0]) and ds[i][1] == reference[i][1], i
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_synthetic_samples_are_identical_bit_for_bit_on_both_paths(scheme):
+    cfg = ds_cfg("synthetic", "", samples_per_client=None, train_size=700, test_size=300, test_samples=130,
+                 partition=scheme)
+    for rank in range(3):
+        optimized = data.client_dataset(cfg, rank=rank, num_clients=3, release=True)
+        original = data.client_dataset(cfg, rank=rank, num_clients=3, release=False)
+        assert isinstance(optimized, data.SplitDataset) and isinstance(original, torch.utils.data.Subset)
+        assert torch.equal(optimized.data.images, original.dataset.data.images[original.indices])  # the raw bytes
+        assert_same_samples(optimized, original)
+    direct, reference = data.test_dataset(cfg, release=True), data.test_dataset(cfg, release=False)
+    assert len(direct) == 130 and torch.equal(direct.data.images, reference.data.images)
+    assert torch.equal(direct.data.labels, reference.data.labels)
+
+
+def idx_dataset(tmp_path, name, gz):
+    """A config for mnist (files written here) or fashion_mnist (gzipped or plain copies of Debian's files)."""
+    import gzip
+    import shutil
+
+    if name == "mnist":
+        write_idx(tmp_path / "MNIST" / "raw", train=900, test=70, gz=gz)
+    elif not gz:
+        raw = tmp_path / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for path in data.DEBIAN_FASHION_MNIST.glob("*.gz"):
+            with gzip.open(path) as src, open(raw / path.stem, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return ds_cfg(name, tmp_path)
+
+
+@pytest.mark.parametrize("name, gz", [("mnist", True), ("mnist", False), ("fashion_mnist", True),
+                                      ("fashion_mnist", False)])
+def test_idx_samples_are_the_same_on_both_paths(tmp_path, name, gz):
+    cfg = idx_dataset(tmp_path, name, gz)
+    cfg.partition, cfg.samples_per_client, cfg.test_samples = "dirichlet", 300, 50
+    for rank in (0, 2):
+        optimized = data.client_dataset(cfg, rank=rank, num_clients=3, release=True)
+        assert len(optimized) == 300 or name == "mnist"
+        assert_same_samples(optimized, data.client_dataset(cfg, rank=rank, num_clients=3, release=False))
+    direct, reference = data.test_dataset(cfg, release=True), data.test_dataset(cfg, release=False)
+    assert len(direct) == 50 and torch.equal(direct.data.images, reference.data.images)
+    assert torch.equal(direct.data.labels, reference.data.labels)
+
+
+def idx_blob(dims, payload: bytes) -> bytes:
+    import struct
+    return struct.pack(">I", 0x0800 + len(dims)) + struct.pack(f">{len(dims)}I", *dims) + payload
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "truncated"),
+    ("extend", "too long|longer than"),
+    ("magic", "not an IDX file"),
+    ("dims", "IDX type 0x08 with 2 dimensions, expected an IDX file of unsigned bytes with 3 dimensions"),
+])
+def test_a_damaged_idx_file_is_named_with_what_was_expected(tmp_path, gz, damage, expected):
+    import gzip
+
+    folder = write_idx(tmp_path / "MNIST" / "raw", train=40, test=10, gz=gz)
+    blob = idx_blob((40, 28, 28), bytes(range(256)) * 122 + bytes(128))  # 40 x 784 bytes
+    blob = {"truncate": blob[:-100], "extend": blob + b"\0" * 5, "magic": b"PK\3\4" + blob[4:],
+            "dims": idx_blob((40, 784), blob[16:])}[damage]
+    path = folder / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+    cfg = ds_cfg("mnist", tmp_path, samples_per_client=5)
+    with pytest.raises(data.IdxFormatError, match=expected) as err:
+        data.check_available(cfg)  # the header and a plain file's size are checked before any role starts
+        data.client_dataset(cfg, rank=0, num_clients=2, release=True)  # a .gz is checked while it is read
+    assert str(path) in str(err.value)
+
+
+def test_images_and_labels_of_different_lengths_are_refused(tmp_path):
+    folder = write_idx(tmp_path / "MNIST" / "raw", train=40, test=10, gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_blob((39,), bytes(39)))
+    with pytest.raises(data.IdxFormatError, match="holds 40 images but .* holds 39 labels"):
+        data.check_available(ds_cfg("mnist", tmp_path))
 
 
 @pytest.mark.parametrize("release", [False, True])
@@ -100,6 +217,40 @@ def test_cifar_client_reads_the_same_samples_batch_by_batch(tmp_path):
                                           for i in (0, 123, 499))
         reference = ds
     assert peaks[True] < 0.5 * peaks[False], peaks  # one batch file at a time, not the whole split twice
+
+
+@pytest.mark.parametrize("python2", [True, False])
+def test_cifar_client_reads_the_same_samples_from_either_pickle(tmp_path, python2):
+    write_cifar(tmp_path, per_batch=60, test=30, python2=python2)  # 184 kB batches: their images stay in the files
+    cfg = ds_cfg("cifar", tmp_path, partition="dirichlet", test_samples=25)
+    for rank in range(3):
+        assert_same_samples(data.client_dataset(cfg, rank, 3, release=True), data.client_dataset(cfg, rank, 3, False))
+    assert_same_samples(data.test_dataset(cfg, release=True), data.test_dataset(cfg, release=False))
+
+
+@pytest.mark.parametrize("python2", [True, False])
+def test_a_truncated_cifar_batch_is_named(tmp_path, python2):
+    folder = write_cifar(tmp_path, per_batch=60, test=30, python2=python2)
+    path = folder / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(data.CifarFormatError, match="truncated") as err:
+        data.client_dataset(ds_cfg("cifar", tmp_path), rank=0, num_clients=2, release=True)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"labels": [1], "data": print}, "names __builtin__.print, which a CIFAR-10 batch file does not"),
+    ({"labels": [1], "data": bytes(3)}, "expected a dict with data and labels"),
+    ({"labels": [1, 2], "data": np.zeros((1, 3072), np.uint8)}, "1 images but 2 labels"),
+])
+def test_a_cifar_batch_naming_other_code_is_refused(tmp_path, content, expected):
+    import pickle
+
+    folder = write_cifar(tmp_path, per_batch=5, test=5)
+    (folder / "data_batch_1").write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(data.CifarFormatError) as err:
+        data.client_dataset(ds_cfg("cifar", tmp_path), rank=0, num_clients=2, release=True)
+    assert str(folder / "data_batch_1") in str(err.value) and expected in str(err.value)
 
 
 def test_cifar_test_split_is_the_same_read_directly(tmp_path):

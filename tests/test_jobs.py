@@ -121,7 +121,7 @@ def test_bad_input_fails_fast_with_the_key_and_the_fix(tmp_path):
     assert proc.returncode == 1
     assert "num_clients=0: must be an integer >= 1" in proc.stdout
     assert "transport.chunk_size=8388608: must be between 1024" in proc.stdout
-    proc = launch(["dataset=cifar", f"dataset.root={tmp_path / 'missing'}"], tmp_path)
+    proc = launch(["dataset=cifar", f"dataset.root={tmp_path / 'missing'}", "dataset.download=false"], tmp_path)
     assert proc.returncode == 1 and "cifar-10-batches-py lacks data_batch_1" in " ".join(proc.stdout.split())
     proc = launch(["dataset=imagenet"], tmp_path)
     assert proc.returncode == 1 and "Available options" in proc.stderr and "fashion_mnist" in proc.stderr
