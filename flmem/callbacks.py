@@ -126,7 +126,8 @@ class SweepProgress(Callback):
         per_job = elapsed / done
         if not self.planned:
             return line + f", {_secs(per_job)} per job so far"
-        return line + f", about {_secs(per_job * max(1, self.planned - done))} remaining ({_secs(per_job)} per job so far)"
+        remaining = per_job * max(1, self.planned - done)
+        return line + f", about {_secs(remaining)} remaining ({_secs(per_job)} per job so far)"
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
