@@ -3,7 +3,8 @@
 Layout of a job directory (Hydra's output dir for the job)::
 
     config.yaml            the fully resolved config every role reads
-    result.json            status, failure (role, reason), exit codes, overrides, per-round metrics, paths
+    result.json            status, failure (role, reason), summarized, exit codes, overrides, per-round metrics,
+                           paths; written (provisional) before summarizing, so an interrupted job has one too
     roles/<role>/          role = server | client_<rank>
         capture.bin        memray capture (readable by `memray flamegraph` / `memray summary`)
         flamegraph.html    memray's flamegraph of the peak
@@ -242,6 +243,14 @@ class Job:
             "roles": summaries,
         }
 
+    @staticmethod
+    def _unsummarized(role: Role) -> dict:
+        """A role's entry when summarizing was interrupted before it: no numbers, the capture kept as it is."""
+        capture = role.dir / "capture.bin"
+        return {"role": role.name, "capture": str(capture) if capture.exists() else None, "capture_error": None,
+                "peak_heap_bytes": None, "peak_rss_bytes": None, "flamegraph": None,
+                "flamegraph_error": "not summarized: the launcher was interrupted (memray flamegraph capture.bin)"}
+
     def finish(self, started: float) -> dict:
         """Summarize every role (``summary.json``, flamegraph) and write ``result.json``; returns the result.
 
@@ -258,7 +267,6 @@ class Job:
             return finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
                                top=int(prof.top_sites), flamegraph=bool(prof.flamegraph))
 
-        outcome = "failed" if self.failure else "completed"
         stopped = self.failure or {"role": "launcher", "reason": "the launcher stopped while summarizing the roles' "
                                    "captures (the roles had completed; their captures are kept under roles/)"}
         with _signals(_interrupt):
@@ -270,14 +278,12 @@ class Job:
                 summaries = dict(zip([r.name for r in self.roles], pool.map(one, self.roles)))
             except KeyboardInterrupt as exc:
                 pool.shutdown(wait=False, cancel_futures=True)  # a summary under way finishes on its own
-                reason = (f"interrupted ({_how(exc)}) while summarizing the roles' captures (the roles had "
-                          f"{outcome}); the captures are kept under roles/")
+                reason = (f"interrupted ({_how(exc)}) while summarizing the roles' captures"
+                          + ("" if self.failure else " (the roles had completed)")
+                          + "; the captures are kept under roles/")
                 failure = dict(self.failure, reason=f"{self.failure['reason']}; then {reason}") if self.failure \
                     else {"role": "launcher", "reason": reason}
-                summaries = {r.name: read_json(r.dir / "summary.json") or {
-                    "role": r.name, "capture": str(r.dir / "capture.bin") if (r.dir / "capture.bin").exists() else None,
-                    "flamegraph": None, "flamegraph_error": "not summarized: the launcher was interrupted"}
-                    for r in self.roles}
+                summaries = {r.name: read_json(r.dir / "summary.json") or self._unsummarized(r) for r in self.roles}
                 with _signals_deferred():
                     write_json(self.dir / "result.json", self._result(started, summaries, failure, summarized=False))
                 raise
