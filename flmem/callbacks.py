@@ -65,7 +65,7 @@ def job_results(sweep_dir: Path) -> dict[Path, dict | None]:
     result, None where the job has none (still running, or its launcher died)."""
     sweep_dir = Path(sweep_dir)
     found = {p.parent for p in sweep_dir.rglob("result.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
-    return {d: read_json(d / "result.json") for d in sorted(found) 
+    return {d: read_json(d / "result.json") for d in sorted(found)
             if d != sweep_dir and "roles" not in d.relative_to(sweep_dir).parts}
 
 
