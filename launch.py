@@ -1,4 +1,4 @@
-"""flmem's Hydra entry point: `python launch.py [overrides]`, `python launch.py -m key=a,b ...`."""
+"""flmem's Hydra entry point: `python launch.py [overrides]`, `python launch.py -m key=a,b ...`, `--help`."""
 import sys
 
 import hydra
@@ -15,9 +15,9 @@ def main(cfg: DictConfig):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job already stopped its roles and wrote result.json
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job stopped its roles and wrote a result.json saying when
         print("interrupted: the running job's roles were stopped and its result.json says so", file=sys.stderr)
         sys.exit(130)
-    from flmem.app import FAILED_JOBS
+    from flmem.app import exit_status
 
-    sys.exit(1 if FAILED_JOBS else 0)
+    sys.exit(exit_status())

@@ -1,25 +1,43 @@
-"""The body of `launch.py`: one Hydra job in, one profiled FL job out."""
+"""The body of `launch.py`: one Hydra job in, one profiled FL job out, and the exit status."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from flmem.launcher import run_job
 from flmem.report import RoleProgress, print_result
 
-#: results of failed jobs in this process; `launch.py` exits 1 when any job failed.
+#: results of the failed jobs this process ran itself (every job of a single run; in a sweep, only
+#: the basic launcher runs jobs here, so a sweep's status comes from flmem.callbacks.SWEEPS instead).
 FAILED_JOBS: list[dict] = []
 
 
 def run_from_hydra(cfg: DictConfig) -> float | None:
     """Run the job Hydra composed, print its table; returns the final test accuracy (for sweepers)."""
     hydra_cfg = HydraConfig.get()
-    result = run_job(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), RoleProgress())
+    dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    result = run_job(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), RoleProgress(),
+                     dir_key=dir_key)
     print_result(result)
     if result["status"] != "completed":
         FAILED_JOBS.append(result)
         return None
     rounds = result.get("rounds") or []
     return rounds[-1].get("test_accuracy") if rounds else None
+
+
+def exit_status() -> int:
+    """1 when a job failed, else 0, whichever launcher ran the jobs.
+
+    A sweep's jobs may run in other processes (``hydra/launcher=joblib``): its status comes from
+    its jobs' ``result.json``, read at the sweep's end by :class:`flmem.callbacks.SweepProgress`.
+    Without that callback (removed from ``hydra.callbacks``) only the jobs run in this process count.
+    """
+    from flmem.callbacks import SWEEPS
+
+    if SWEEPS:
+        return 1 if any(s["failed"] for s in SWEEPS) else 0
+    return 1 if FAILED_JOBS else 0

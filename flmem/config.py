@@ -1,10 +1,14 @@
 """Validation of a composed job config, before any process starts.
 
-Hydra already rejects an unknown group option (listing the valid ones) and an unknown key.
-:func:`validate` checks values: each error names the key, the value and the rule, and all
-errors are reported at once.
+Hydra already rejects an unknown group option (listing the valid ones) and an unknown key, but
+it suggests ``+KEY=VALUE`` for the latter, and a key added that way (or by ``++``) would be
+silently ignored. :func:`validate` refuses such keys, comparing the config with the same
+composition without the key overrides (:func:`reference_config`), and checks values: each error
+names the key, the value and the rule, and all errors are reported at once.
 """
 from __future__ import annotations
+
+import difflib
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -94,12 +98,71 @@ def _rules(cfg: DictConfig):
                "(the server prints it), e.g. server.address=10.0.0.5:50051")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every rule on a composed config.
+def reference_config(overrides: list[str], config_name: str | None = None) -> DictConfig | None:
+    """The config Hydra composes from ``overrides``' group selections alone (``dataset=cifar``,
+    ``+experiment=NAME``), without their key assignments (``+dataset.partiton=...``): the keys
+    flmem's config groups define for this job. None when no Hydra app or compose context is active
+    (then :func:`validate` checks values only).
+
+    ``config_name``: the primary config (default: the running app's, else ``config``).
+    """
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not GlobalHydra.instance().is_initialized():
+        return None
+    if config_name is None:
+        config_name = HydraConfig.get().job.config_name if HydraConfig.initialized() else "config"
+    loader = GlobalHydra.instance().config_loader()
+    groups = [o.input_line for o in OverridesParser.create().parse_overrides([str(x) for x in overrides])
+              if loader.get_group_options(o.get_key_element().lstrip("+~").split("@")[0])]
+    return compose(config_name=config_name, overrides=groups)
+
+
+def _keys(node, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value (unresolved) of every leaf and every mapping under ``node``."""
+    out = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out[path] = value
+        if isinstance(value, dict):
+            out.update(_keys(value, f"{path}."))
+    return out
+
+
+def unknown_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:
+    """One message per key of ``cfg`` that ``reference`` lacks (the outermost only), naming the
+    closest known key (difflib) and the fix."""
+    have = _keys(OmegaConf.to_container(cfg, resolve=False))
+    known = _keys(OmegaConf.to_container(reference, resolve=False))
+    problems = []
+    for key, value in have.items():
+        parent = key.rpartition(".")[0]
+        if key in known or (parent and parent not in known):
+            continue  # known, or inside an unknown mapping (reported once, at its top)
+        scalar = not isinstance(value, (dict, list))
+        if scalar:  # as it is typed on the command line
+            value = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        shown = f"{key}={value}" if scalar else key
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        fix = (f"did you mean {close[0]}? Set it without '+': {close[0]}={value if scalar else '...'}" if close
+               else "flmem reads no such key; drop it (python launch.py --help lists the groups and common keys)")
+        problems.append(f"{shown}: unknown key, added with '+' or '++' and read by nothing; {fix}")
+    return problems
+
+
+def validate(cfg: DictConfig, reference: DictConfig | None = None) -> None:
+    """Check every rule on a composed config and, given ``reference`` (see :func:`reference_config`),
+    that it holds no key the config groups do not define.
 
     Raises:
         ConfigError: listing each broken rule as ``key=value: rule``.
     """
+    problems = unknown_keys(cfg, reference) if reference is not None else []
+    if problems:  # the value rules below may trip over what an unknown key displaced
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     problems = [message for ok, message in _rules(cfg) if not ok]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -3,7 +3,8 @@
 Layout of a job directory (Hydra's output dir for the job)::
 
     config.yaml            the fully resolved config every role reads
-    result.json            status, failure (role, reason), exit codes, overrides, per-round metrics, paths
+    result.json            status, failure (role, reason), summarized, exit codes, overrides, per-round metrics,
+                           paths; written (provisional) before summarizing, so an interrupted job has one too
     roles/<role>/          role = server | client_<rank>
         capture.bin        memray capture (readable by `memray flamegraph` / `memray summary`)
         flamegraph.html    memray's flamegraph of the peak
@@ -26,7 +27,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from flmem import data
-from flmem.config import validate
+from flmem.address import join, server_addresses
+from flmem.config import reference_config, validate
 from flmem.profiling import finish_role
 from flmem.status import read_json, read_metrics, write_json
 
@@ -156,14 +158,16 @@ class Job:
         self.failure: dict | None = None
 
     # ------------------------------------------------------------------ start
-    def prepare(self) -> Path:
-        """Validate, check the data, and write ``config.yaml``. Raises ConfigError, DatasetNotFoundError, JobError."""
-        validate(self.cfg)
+    def prepare(self, dir_key: str = "hydra.run.dir") -> Path:
+        """Validate (unknown keys included, see :func:`flmem.config.reference_config`), check the data, and
+        write ``config.yaml``. ``dir_key`` names the setting that chose the directory, for the error when it
+        already holds a run. Raises ConfigError, DatasetNotFoundError, JobError."""
+        validate(self.cfg, reference_config(self.overrides))
         if self.cfg.role.name in ("local", "server", "client"):
             data.check_available(self.cfg.dataset)
         if (self.dir / "result.json").exists() or (self.dir / "roles").exists():
             raise JobError(f"{self.dir} already holds a run; its config.yaml, result.json and roles/ are kept "
-                           "(Hydra has rewritten its .hydra/ files). Run again without hydra.run.dir (a new "
+                           f"(Hydra has rewritten its .hydra/ files). Run again without {dir_key} (a new "
                            "directory per run) or pick an empty one")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yaml"
@@ -207,9 +211,13 @@ class Job:
             role.start()
         if server:
             port = self._wait_ready(server)
-            if kind == "server":
-                print(f"server listening on {host}:{port}; start each client with: python launch.py role=client "
-                      f"role.rank=K server.address={host}:{port} (same overrides as this run)", flush=True)
+            if kind == "server":  # 127.0.0.1 reaches a wildcard-bound server from this host only: print others
+                addresses, note = server_addresses(str(self.cfg.server.host), port)
+                print(f"server listening on {join(str(self.cfg.server.host), port)}{note}\n"
+                      f"start each client with: python launch.py role=client role.rank=K "
+                      f"server.address={addresses[0]} (same overrides as this run)"
+                      + (f"\n  other addresses of this host: {', '.join(addresses[1:])}" if addresses[1:] else ""),
+                      flush=True)
 
     # ------------------------------------------------------------------ watch
     def watch(self) -> None:
@@ -254,20 +262,11 @@ class Job:
                 role.close_logs()
 
     # ------------------------------------------------------------------ result
-    def finish(self, started: float) -> dict:
-        prof = self.cfg.profiling
-
-        def one(role: Role) -> dict:
-            markers = read_json(role.dir / "markers.json", {})
-            return finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
-                               top=int(prof.top_sites), flamegraph=bool(prof.flamegraph))
-
-        # Rendering runs `memray flamegraph` subprocesses: overlap them across cores.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            summaries = dict(zip([r.name for r in self.roles], pool.map(one, self.roles)))
-        result = {
-            "status": "failed" if self.failure else "completed",
-            "failure": self.failure,
+    def _result(self, started: float, summaries: dict, failure: dict | None, summarized: bool) -> dict:
+        return {
+            "status": "failed" if failure else "completed",
+            "failure": failure,
+            "summarized": summarized,
             "role": self.cfg.role.name,
             "overrides": self.overrides,
             "job_dir": str(self.dir),
@@ -278,8 +277,61 @@ class Job:
             "client_rounds": {r.name: read_metrics(r.dir) for r in self.roles if r.name != "server"},
             "roles": summaries,
         }
-        write_json(self.dir / "result.json", result)
+
+    @staticmethod
+    def _unsummarized(role: Role) -> dict:
+        """A role's entry when summarizing was interrupted before it: no numbers, the capture kept as it is."""
+        capture = role.dir / "capture.bin"
+        return {"role": role.name, "capture": str(capture) if capture.exists() else None, "capture_error": None,
+                "peak_heap_bytes": None, "peak_rss_bytes": None, "flamegraph": None,
+                "flamegraph_error": "not summarized: the launcher was interrupted (memray flamegraph capture.bin)"}
+
+    def finish(self, started: float) -> dict:
+        """Summarize every role (``summary.json``, flamegraph) and write ``result.json``; returns the result.
+
+        Summarizing a large capture takes a while, so a provisional ``result.json`` comes first: status
+        failed, ``summarized`` false, and the roles' own failure or "the launcher stopped while summarizing"
+        (what a reader should believe if the launcher dies here). Ctrl-C or SIGTERM while summarizing
+        writes the final one with the summaries done so far, says ``interrupted (SIGNAL) while summarizing``,
+        and raises KeyboardInterrupt. The captures are kept either way.
+        """
+        prof = self.cfg.profiling
+
+        def one(role: Role) -> dict:
+            markers = read_json(role.dir / "markers.json", {})
+            return finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
+                               top=int(prof.top_sites), flamegraph=bool(prof.flamegraph))
+
+        stopped = self.failure or {"role": "launcher", "reason": "the launcher stopped while summarizing the roles' "
+                                   "captures (the roles had completed; their captures are kept under roles/)"}
+        with _signals(_interrupt):
+            with _signals_deferred():
+                write_json(self.dir / "result.json", self._result(started, {}, stopped, summarized=False))
+            # Rendering runs `memray flamegraph` subprocesses: overlap them across cores.
+            pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+            try:
+                summaries = dict(zip([r.name for r in self.roles], pool.map(one, self.roles)))
+            except KeyboardInterrupt as exc:
+                pool.shutdown(wait=False, cancel_futures=True)  # a summary under way finishes on its own
+                reason = (f"interrupted ({_how(exc)}) while summarizing the roles' captures"
+                          + ("" if self.failure else " (the roles had completed)")
+                          + "; the captures are kept under roles/")
+                failure = dict(self.failure, reason=f"{self.failure['reason']}; then {reason}") if self.failure \
+                    else {"role": "launcher", "reason": reason}
+                summaries = {r.name: read_json(r.dir / "summary.json") or self._unsummarized(r) for r in self.roles}
+                with _signals_deferred():
+                    write_json(self.dir / "result.json", self._result(started, summaries, failure, summarized=False))
+                raise
+            pool.shutdown()
+            result = self._result(started, summaries, self.failure, summarized=True)
+            with _signals_deferred():
+                write_json(self.dir / "result.json", result)
         return result
+
+
+def _how(exc: BaseException) -> str:
+    """The signal behind a KeyboardInterrupt: SIGTERM or SIGINT."""
+    return str(exc) if isinstance(exc, Interrupted) else "SIGINT"
 
 
 def failed_result(job_dir: Path, overrides: list[str], role: str, reason: str, started: float) -> dict:
@@ -294,44 +346,49 @@ def failed_result(job_dir: Path, overrides: list[str], role: str, reason: str, s
     return result
 
 
-def run_job(cfg, job_dir: Path, overrides: list[str], progress=None) -> dict:
+def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: str = "hydra.run.dir") -> dict:
     """Run one job end to end and return its result (also written to ``result.json``).
 
     Never raises for a role failure: the result's ``status`` is ``failed`` and ``failure`` names
     the role and the reason. Config, data and output-dir problems are reported the same way,
-    with ``failure.role == "config"``.
+    with ``failure.role == "config"``. Ctrl-C or SIGTERM at any point stops the roles, leaves a
+    ``result.json`` whose failure (role ``launcher``) says when it came, and raises KeyboardInterrupt.
+    ``dir_key``: the setting that chose ``job_dir`` (``hydra.sweep.dir`` in a sweep), named in errors.
     """
     from flmem.config import ConfigError
 
     started = time.time()
     job = Job(cfg, job_dir, overrides, progress)
-    try:
-        config = job.prepare()
-    except (ConfigError, data.DatasetNotFoundError, JobError, ValueError) as exc:
-        return failed_result(job_dir, overrides, "config", str(exc), started)
-    try:
-        with _signals(_interrupt):  # SIGTERM (kill, timeout, a scheduler) stops the job like Ctrl-C
+    interrupted = None
+    with _signals(_interrupt):  # SIGTERM (kill, timeout, a scheduler) stops the job like Ctrl-C
+        try:
+            config = job.prepare(dir_key)
+        except (ConfigError, data.DatasetNotFoundError, JobError, ValueError) as exc:
+            return failed_result(job_dir, overrides, "config", str(exc), started)
+        except KeyboardInterrupt as exc:
+            failed_result(job_dir, overrides, "launcher", f"interrupted ({_how(exc)}) before any role started",
+                          started)
+            raise
+        try:
             if progress:
                 progress.start_job(cfg)
             job.start(config)
             job.watch()
-    except JobError as exc:
-        job.failure = {"role": "server", "reason": str(exc)}
-        job.stop()
-    except KeyboardInterrupt as exc:
-        # Stop the roles (their captures close cleanly), record why, then let it end the sweep.
-        how = f"{exc}" if isinstance(exc, Interrupted) else "SIGINT"
-        job.failure = {"role": "launcher", "reason": f"interrupted ({how}); the roles were stopped"}
-        job.stop()
-        if progress:
-            progress.stop()
-        with _signals_deferred():
-            job.finish(started)
-        raise
-    except BaseException:
-        job.stop()  # a launcher bug: never leave role processes behind
-        raise
-    finally:
-        if progress:
-            progress.stop()
-    return job.finish(started)
+        except JobError as exc:
+            job.failure = {"role": "server", "reason": str(exc)}
+            job.stop()
+        except KeyboardInterrupt as exc:
+            # Stop the roles (their captures close cleanly), record why, then let it end the sweep.
+            interrupted = exc
+            job.failure = {"role": "launcher", "reason": f"interrupted ({_how(exc)}); the roles were stopped"}
+            job.stop()
+        except BaseException:
+            job.stop()  # a launcher bug: never leave role processes behind
+            raise
+        finally:
+            if progress:
+                progress.stop()
+        result = job.finish(started)  # raises KeyboardInterrupt itself when interrupted while summarizing
+    if interrupted is not None:
+        raise interrupted
+    return result

@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
-from flmem.config import ConfigError, validate
+from flmem.config import ConfigError, reference_config, validate
 from tests.conftest import CONF
 
 GROUPS = {"dataset": ["synthetic", "cifar", "mnist", "fashion_mnist", "tokens"],
@@ -112,3 +112,42 @@ def test_client_role_needs_a_real_server_address_and_rank():
     message = str(err.value)
     assert "role.rank=5: must be in 0..num_clients-1 = 0..1" in message
     assert "server.address=127.0.0.1:0" in message
+
+
+def check(*overrides):
+    """Compose like launch.py and validate with the keys the groups define (as every job does)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+        validate(cfg, reference_config(list(overrides)))
+    return cfg
+
+
+@pytest.mark.parametrize("override, named, fix", [
+    ("+dataset.partiton=dirichlet", "dataset.partiton=dirichlet", "did you mean dataset.partition? Set it without "
+                                                                  "'+': dataset.partition=dirichlet"),
+    ("++fedavg.wieghted=false", "fedavg.wieghted=false", "fedavg.weighted=false"),
+    ("+model.widht=64", "model.widht=64", "model.width=64"),
+    ("+nonsense.deep.key=1", "nonsense:", "flmem reads no such key; drop it"),
+])
+def test_a_key_added_with_plus_that_no_group_defines_is_refused(override, named, fix):
+    with pytest.raises(ConfigError) as err:
+        check(override)
+    message = str(err.value)
+    assert f"{named}" in message and "unknown key" in message and fix in message
+    assert "nonsense.deep" not in message  # an unknown mapping is reported once, at its top
+
+
+def test_a_key_of_another_option_of_the_group_is_unknown_for_this_one():
+    with pytest.raises(ConfigError, match="dataset.vocab_size=3: unknown key"):
+        check("+dataset.vocab_size=3")  # dataset=tokens has it; the default dataset=synthetic does not
+    check("dataset=tokens", "model=transformer", "dataset.vocab_size=3")
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_adds_only_keys_its_groups_define(experiment):
+    cfg = check(f"+experiment={experiment}")
+    assert cfg.rounds >= 1
+
+
+def test_without_a_hydra_context_only_values_are_checked():
+    assert reference_config(["+dataset.partiton=dirichlet"]) is None
