@@ -263,8 +263,9 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None) -> dict:
     """Run one job end to end and return its result (also written to ``result.json``).
 
     Never raises for a role failure: the result's ``status`` is ``failed`` and ``failure`` names
-    the role and the reason. Config, data and output-dir problems are reported the same way,
-    with ``failure.role == "config"``.
+    the role and the reason. Problems found before any process starts are reported the same way:
+    missing or unreadable data files with ``failure.role == "data"``, config and output-dir
+    problems with ``failure.role == "config"``.
     """
     from flmem.config import ConfigError
 
@@ -272,7 +273,9 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None) -> dict:
     job = Job(cfg, job_dir, overrides, progress)
     try:
         config = job.prepare()
-    except (ConfigError, data.DatasetNotFoundError, JobError, ValueError) as exc:
+    except data.DatasetNotFoundError as exc:
+        return failed_result(job_dir, overrides, "data", str(exc), started)
+    except (ConfigError, JobError, ValueError) as exc:
         return failed_result(job_dir, overrides, "config", str(exc), started)
     try:
         with _signals(_interrupt):  # SIGTERM (kill, timeout, a scheduler) stops the job like Ctrl-C
