@@ -114,7 +114,7 @@ def result_table(result: dict, width: int = 200) -> Table:
         rows.append([name, _mib(s.get("peak_heap_bytes")), _mib(s.get("baseline_heap_bytes")),
                      _mib(s.get("working_heap_bytes")), "-" if in_m is None else f"{in_m:.2f}",
                      _mib(s.get("peak_rss_bytes"))])
-    return fit_table(columns, rows, width, title=title)
+    return fit_table(columns, rows, width, title=title)[0]
 
 
 def log_result(result: dict) -> None:

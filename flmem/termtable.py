@@ -104,11 +104,10 @@ def plan(columns: list[FitColumn], rows: list[list[str]], width: int) -> tuple[l
 
 
 def fit_table(columns: list[FitColumn], rows: list[list[str]], width: int, *, title: str | None = None,
-              styles: list[str | None] | None = None, what: str = "columns") -> Table:
-    """A rich Table of ``rows`` (cells as strings, one per column) at most ``width`` cells wide.
-
-    Columns that cannot fit are left out and named in the caption (``what``: how to call them).
-    """
+              styles: list[str | None] | None = None, below: set[int] = frozenset()) -> tuple[Table, list[int]]:
+    """A rich Table of ``rows`` (cells as strings, one per column) at most ``width`` cells wide, and the
+    indices of the columns left out to fit, which the caption names. ``below``: columns whose values the
+    caller prints under the table when they are left out (the caption says so)."""
     dropped, widths = plan(columns, rows, width)
     table = Table(title=Text(title) if title else None, title_justify="left", caption_justify="left")
     for i, col in enumerate(columns):
@@ -121,10 +120,15 @@ def fit_table(columns: list[FitColumn], rows: list[list[str]], width: int, *, ti
                  for i, c in enumerate(row) if i in widths]
         table.add_row(*cells, style=styles[r] if styles else None)
     if dropped:
-        names = ", ".join(" ".join(columns[i].header.split()) for i in sorted(dropped))
-        table.caption = Text(f"not shown, to fit {width} columns: {names} (a wider terminal shows them)",
-                             style="table.caption")
-    return table
+        name = (lambda i: " ".join(columns[i].header.split()))
+        hidden = [name(i) for i in sorted(dropped) if i not in below]
+        moved = [name(i) for i in sorted(dropped) if i in below]
+        text = f"not shown, to fit {width} columns: {', '.join(hidden)} (a wider terminal shows them)" if hidden \
+            else ""
+        if moved:
+            text += ("; " if text else f"to fit {width} columns, ") + f"{', '.join(moved)}: below the table"
+        table.caption = Text(text, style="table.caption")
+    return table, sorted(dropped)
 
 
 def quiet_broken_pipe() -> None:

@@ -98,7 +98,9 @@ def test_fit_table_drops_columns_and_says_which():
                FitColumn("flamegraph", "path")]
     rows = [["0", "1,234.5", "12,345.6", "/very/long/" + "x" * 80 + "/roles/server/flamegraph.html"]]
     console = Console(width=40, record=True, file=io.StringIO())
-    console.print(fit_table(columns, rows, 40))
+    table, dropped = fit_table(columns, rows, 40)
+    console.print(table)
+    assert dropped == [2]
     text = console.export_text()
     assert "1,234.5" in text and "12,345.6" not in text and dropped_columns(text) == ["peak RSS MiB"]
     assert "/very/lon…graph.html" in text  # the path keeps its start and end, shortened in the middle
@@ -221,3 +223,17 @@ def test_print_result_says_one_round():
     print_result({"status": "completed", "job_dir": "/j", "overrides": [], "roles": {},
                   "rounds": [{"round": 0, "test_accuracy": 0.5, "test_loss": 1.0}]}, console)
     assert "global model after 1 round: test accuracy 0.500" in console.export_text()
+
+
+def test_failure_reasons_left_out_to_fit_are_listed_below_the_table():
+    from flmem.browse.render import Section
+    from flmem.browse.tables import METRIC_COLUMNS, Column
+
+    cols = [Column("job", "job", "text"), Column("status", "status", "text"), *METRIC_COLUMNS,
+            Column("notes", "notes", "text")]
+    rows = [{"job": "0", "status": "failed", "notes": "data: cifar-10-batches-py lacks data_batch_1"},
+            {"job": "1", "status": "completed", "server_peak_heap_bytes": 170711887, "duration_s": 33.1}]
+    text = render(View("sweep", [Section("jobs", "", cols, rows)]), 80)
+    assert "notes: below the table" in " ".join(text.split())
+    assert "  job 0: data: cifar-10-batches-py lacks data_batch_1" in text and "job 1:" not in text
+    assert "162.8" in text  # the server's peak heap in MiB, whole

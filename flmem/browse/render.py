@@ -109,6 +109,7 @@ DROP_FIRST = {
 }
 PATH_KEYS = {"path", "flamegraph", "site", "flmem_caller"}  # shortened in the middle, never wrapped
 LONG_TEXT = {"notes", "note", "reason", "capture", "varying"}  # wrapped at spaces, at most 60 wide
+BELOW = {"notes", "reason"}  # when left out to fit: listed under the table, by the row's first cell (job)
 
 
 def fit_column(col: Column) -> FitColumn:
@@ -122,8 +123,15 @@ def print_table(view: View, console: Console) -> None:
     for section in view.sections:
         cols = people(section)
         rows = [[cell(row, c) for c in cols] for row in section.rows]
-        console.print(fit_table([fit_column(c) for c in cols], rows, console.width, title=section.title or None,
-                                styles=[_style(row) for row in section.rows]))
+        table, dropped = fit_table([fit_column(c) for c in cols], rows, console.width, title=section.title or None,
+                                   styles=[_style(row) for row in section.rows],
+                                   below={i for i, c in enumerate(cols) if c.key in BELOW})
+        console.print(table)
+        for i in (i for i in dropped if cols[i].key in BELOW):  # failure reasons: below the table
+            for row in rows:
+                if row[i] not in ("", "-"):
+                    console.print(f"  {cols[0].header} {row[0]}: {row[i]}", soft_wrap=True, highlight=False,
+                                  markup=False)
     for note in view.notes:
         console.print(f"  {note}", soft_wrap=True, highlight=False, markup=False)
 
