@@ -87,6 +87,21 @@ def test_tables_fit_the_width_and_never_split_a_number(deep_sweep, width):
                 numbers = [cell(row, c) for c in cols]
                 # every number of the row stands whole, in one cell, on the row's first line
                 assert any(all(n in parts for n in numbers) for parts in cells_per_line), (numbers, text)
+    # the per-role table a job prints when it ends (flmem/report.py)
+    res = result(sweep_dir / "0")
+    console = Console(width=width, record=True, file=io.StringIO())
+    print_result(res, console)
+    text = console.export_text()
+    assert all(len(ln) <= width for ln in text.splitlines() if ln[:1] in "┏┃┡│└")
+    dropped = dropped_columns(text)
+    cells_per_line = [[c.strip() for c in ln.split("│")] for ln in text.splitlines() if ln.startswith("│")]
+    for name, summary in res["roles"].items():
+        numbers = {"peak heap MiB": f"{summary['peak_heap_bytes'] / 2**20:,.1f}",
+                   "peak RSS MiB": f"{summary['peak_rss_bytes'] / 2**20:,.1f}",
+                   "working / M": f"{summary['working_heap_in_M']:.2f}"}
+        shown = [v for k, v in numbers.items() if k not in dropped]
+        assert any(parts[1:2] == [name] and all(v in parts for v in shown) for parts in cells_per_line), text
+    assert f"run directory: {sweep_dir / '0'}\n" in text  # soft-wrapped: the terminal folds it, rich never cuts it
     if width == 80:
         assert dropped_any, "at 80 columns the sweep's tables cannot show every column"
     if width == 200:
