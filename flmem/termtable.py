@@ -5,7 +5,8 @@ Rich fits a wide table by folding cells, so at 100 columns ``1,234.5`` becomes `
 
 * a number column is as wide as its widest cell (and its header's longest word) and never wraps;
 * a text column wraps at spaces only; a word longer than the column ends in ``…``;
-* a path column keeps its start and end and puts ``…`` in the middle;
+* a path column keeps its start and end and puts ``…`` in the middle; a key column (a path to
+  copy, such as a sweep's directory) is shown whole, like a number;
 * when even that does not fit, whole columns are dropped (the ``drop`` order first, then from
   the right, never the first), and the table's caption names them.
 
@@ -39,9 +40,9 @@ MIN_PATH = 16
 @dataclass(frozen=True)
 class FitColumn:
     header: str
-    kind: str = "number"  # number | text | path
+    kind: str = "number"  # number | text | path | key (a path to copy: whole or dropped, never shortened)
     drop: int = 0  # columns with a higher ``drop`` are dropped first when the table does not fit; 0: last
-    max_width: int | None = None  # text: wrap at this width even when there is room
+    max_width: int | None = None  # text: wrap at this width in a terminal even when there is room
 
 
 def middle_ellipsis(text: str, width: int) -> str:
@@ -57,16 +58,16 @@ def _words(text: str) -> list[str]:
     return text.split() or [""]
 
 
-def _bounds(col: FitColumn, cells: list[str]) -> tuple[int, int]:
+def _bounds(col: FitColumn, cells: list[str], capped: bool = True) -> tuple[int, int]:
     """(natural, minimum) width of a column's content, without padding."""
     header_lines = col.header.split("\n")
     header_word = max(cell_len(w) for line in header_lines for w in _words(line))
     natural = max([cell_len(line) for line in header_lines] + [cell_len(c) for c in cells])
-    if col.kind == "number":
+    if col.kind in ("number", "key"):
         return natural, max([header_word] + [cell_len(c) for c in cells])
     if col.kind == "path":
         return natural, min(natural, max(header_word, MIN_PATH))
-    if col.max_width:
+    if col.max_width and capped:
         natural = min(natural, max(col.max_width, header_word))
     word = max([cell_len(w) for c in cells for w in _words(c)] + [0])
     return natural, min(natural, max(header_word, min(word, MAX_WORD)))
@@ -79,7 +80,8 @@ def table_width(widths: list[int]) -> int:
 
 def plan(columns: list[FitColumn], rows: list[list[str]], width: int) -> tuple[list[int], dict[int, int]]:
     """Which columns to keep and how wide: ``(dropped indices, {kept index: width})``."""
-    bounds = [_bounds(col, [r[i] for r in rows]) for i, col in enumerate(columns)]
+    # Not a terminal (UNLIMITED): one line per row, whatever the length of its text, for grep and scripts
+    bounds = [_bounds(col, [r[i] for r in rows], width < UNLIMITED) for i, col in enumerate(columns)]
     kept = list(range(len(columns)))
     dropped: list[int] = []
     while True:
@@ -114,7 +116,7 @@ def fit_table(columns: list[FitColumn], rows: list[list[str]], width: int, *, ti
         if i in widths:
             number = col.kind == "number"
             table.add_column(Text(col.header, no_wrap=False), justify="right" if number else "left", width=widths[i],
-                             no_wrap=number or col.kind == "path", overflow="ellipsis")
+                             no_wrap=col.kind != "text", overflow="ellipsis")
     for r, row in enumerate(rows):
         cells = [Text(middle_ellipsis(c, widths[i]) if columns[i].kind == "path" else c)
                  for i, c in enumerate(row) if i in widths]

@@ -102,18 +102,20 @@ DROP_FIRST = {
     # a run's roles, allocation sites and rounds
     "total_allocations": 9, "baseline_heap_bytes": 7, "exit_code": 6, "allocations": 9, "flmem_caller": 6,
     "aggregate_s": 9, "client_train_s": 8, "round_s": 7,
-    # a comparison
-    "noise": 9,
+    # a comparison: the ratio is kept longest
+    "noise": 9, "note": 8, "diff": 2,
     # the listing
     "planned": 9, "problems": 8, "running": 7, "when": 6,
 }
-PATH_KEYS = {"path", "flamegraph", "site", "flmem_caller"}  # shortened in the middle, never wrapped
+PATH_KEYS = {"flamegraph", "site", "flmem_caller"}  # shortened in the middle, never wrapped
+KEY_KEYS = {"path"}  # the listing's sweep and run directories, to copy into `flmem browse DIR`: whole
 LONG_TEXT = {"notes", "note", "reason", "capture", "varying"}  # wrapped at spaces, at most 60 wide
 BELOW = {"notes", "reason"}  # when left out to fit: listed under the table, by the row's first cell (job)
 
 
 def fit_column(col: Column) -> FitColumn:
-    kind = "path" if col.key in PATH_KEYS else "text" if col.kind == "text" else "number"
+    kind = "path" if col.key in PATH_KEYS else "key" if col.key in KEY_KEYS else \
+        "text" if col.kind == "text" else "number"
     return FitColumn(col.header, kind, DROP_FIRST.get(col.key, 0), 60 if col.key in LONG_TEXT else None)
 
 
