@@ -47,10 +47,11 @@ class RoleProgress:
         self.console = console or make_console()
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
+        self.logged: set[str] = set()  # roles whose start is in launch.log
 
     def start_job(self, cfg) -> None:
         self.rounds = int(cfg.rounds)
-        self.logged: set[str] = set()
+        self.logged = set()
         job_dir, overrides = _job_context()
         log.info("job started: %s; role=%s, %s; overrides: %s", job_dir or "(no Hydra output dir)", cfg.role.name,
                  plural(int(cfg.num_clients), "client"), " ".join(overrides) or "none")
@@ -77,8 +78,7 @@ class RoleProgress:
 
     def _log_start(self, role) -> None:
         """Log each role once, when first seen: its pid, and for the server the address it listens on."""
-        logged = getattr(self, "logged", set())
-        if role.name in logged or role.proc is None:
+        if role.name in self.logged or role.proc is None:
             return
         if role.name == "server":
             ready = read_json(role.dir / "ready.json", {})
@@ -88,7 +88,7 @@ class RoleProgress:
                      ready.get("port"))
         else:
             log.info("role %s started: pid %s", role.name, role.proc.pid)
-        logged.add(role.name)
+        self.logged.add(role.name)
 
     def stop(self) -> None:
         if self.progress is not None:
