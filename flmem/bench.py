@@ -6,7 +6,12 @@
 
 Each experiment is a Hydra sweep (``launch.py -m +experiment=NAME repeat=0,..``) into
 ``--root/NAME``. Rows group the jobs that differ only in ``repeat``; every number is the median
-over those repetitions. Units: MiB (2**20 bytes), M (the model's bytes), seconds, MiB/s.
+over the row's completed runs, followed by its range (min-max) when there was more than one run,
+e.g. ``11.7 (10.9-14.9)``. Units: MiB (2**20 bytes), M (the model's bytes), seconds, MiB/s.
+
+The report is never rebuilt from nothing: an experiment without runs under ``--root`` keeps its
+section from the current report (``--out``); when it has none there either, nothing is written and
+the command exits with status 2, naming the root and the experiments it found no runs of.
 """
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ import memray
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class BenchError(Exception):
+    """The report cannot be written as asked (no runs to build a section from); the message says why."""
+
 DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead:3", "large_model", "profiling_overhead:3", "round_time"]
 MiB = 2**20
 
@@ -56,6 +66,14 @@ def load_jobs(sweep: Path) -> list[dict]:
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def _spread(values) -> tuple | None:
+    """``(median, min, max, n)`` of the values that were measured, or None when none was."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values), len(values)
 
 
 def _clients(res: dict) -> list[dict]:
@@ -101,12 +119,40 @@ def _fmt(value, unit: str = "MiB", model=None) -> str:
     return f"{value:,.2f}"
 
 
-COLUMNS = ["server peak MiB", "server base MiB", "server working MiB", "server working M", "server RSS MiB",
-           "client peak MiB", "client working MiB", "client working M", "client RSS MiB", "round s", "MiB/s"]
+def fmt_spread(spread: tuple | None, unit: str = "MiB") -> str:
+    """A table cell: the median, and ``(min-max)`` after it when more than one run was measured.
+
+    ``unit``: ``MiB`` (bytes shown in MiB, one decimal), ``M`` (a ratio, two decimals) or ``""``
+    (seconds or MiB/s, two decimals). ``-`` when nothing was measured.
+    """
+    if spread is None:
+        return "-"
+    med, lo, hi, n = spread
+    one = (lambda v: _fmt(v, "MiB")) if unit == "MiB" else (lambda v: f"{v:.2f}") if unit == "M" \
+        else (lambda v: _fmt(v, ""))
+    if n < 2:
+        return one(med)
+    sep = " to " if lo < 0 or hi < 0 else "-"  # "-1.0--0.5" would read as a typo
+    return f"{one(med)} ({one(lo)}{sep}{one(hi)})"
+
+
+#: (column, field of job_numbers, unit); "work_M" fields are working memory / M, per run.
+COLUMN_FIELDS = [("server peak MiB", "server_peak", "MiB"), ("server base MiB", "server_base", "MiB"),
+                 ("server working MiB", "server_work", "MiB"), ("server working M", "server_work_M", "M"),
+                 ("server RSS MiB", "server_rss", "MiB"), ("client peak MiB", "client_peak", "MiB"),
+                 ("client working MiB", "client_work", "MiB"), ("client working M", "client_work_M", "M"),
+                 ("client RSS MiB", "client_rss", "MiB"), ("round s", "round_s", ""), ("MiB/s", "mib_s", "")]
+COLUMNS = [c for c, _, _ in COLUMN_FIELDS]
 
 
 def experiment_table(jobs: list[dict]) -> tuple[list[str], list[list[str]], dict]:
-    """Header, rows (medians over repeats) and the medians themselves, keyed like :func:`group`."""
+    """Header, rows and the medians themselves, keyed like :func:`group`.
+
+    Each cell is the median over the row's completed runs with its range when there was more than
+    one (:func:`fmt_spread`); ``runs`` counts those completed runs, ``failed`` names the failures.
+    ``medians[key]`` maps every :func:`job_numbers` field to its median, plus ``"runs"`` (the count)
+    and ``"ranges"`` (field -> ``(min, max)``).
+    """
     groups = group(jobs)
     keys = sorted({k for key in groups for k, _ in key})
     header = [*keys, "runs", "failed", *COLUMNS]
@@ -114,17 +160,19 @@ def experiment_table(jobs: list[dict]) -> tuple[list[str], list[list[str]], dict
     for key in sorted(groups, key=lambda k: [(a, _num(b)) for a, b in k]):
         done = [j for j in groups[key] if j["status"] == "completed"]
         nums = [job_numbers(j) for j in done]
-        med = {f: _median([n[f] for n in nums]) for f in (nums[0] if nums else {})}
+        for n in nums:  # working memory in units of M per run, so its range is over runs too
+            for role in ("server", "client"):
+                n[f"{role}_work_M"] = n[f"{role}_work"] / n["M"] if n[f"{role}_work"] is not None and n["M"] else None
+        spreads = {f: _spread([n[f] for n in nums]) for f in (nums[0] if nums else {})}
+        med = {f: sp[0] if sp else None for f, sp in spreads.items()}
+        med["runs"] = len(done)
+        med["ranges"] = {f: (sp[1], sp[2]) for f, sp in spreads.items() if sp}
         medians[key] = med
-        m = med.get("M")
         values = dict(key)
         failed = [j for j in groups[key] if j["status"] != "completed"]
         reason = "; ".join(f"{j['failure']['role']}: {j['failure']['reason']}"[:160] for j in failed)
-        rows.append([values.get(k, "") for k in keys] + [str(len(groups[key])), reason or "0"] + [
-            _fmt(med.get("server_peak")), _fmt(med.get("server_base")), _fmt(med.get("server_work")),
-            _fmt(med.get("server_work"), "M", m), _fmt(med.get("server_rss")), _fmt(med.get("client_peak")),
-            _fmt(med.get("client_work")), _fmt(med.get("client_work"), "M", m), _fmt(med.get("client_rss")),
-            _fmt(med.get("round_s"), ""), _fmt(med.get("mib_s"), "")])
+        rows.append([values.get(k, "") for k in keys] + [str(len(done)), reason or "0"] +
+                    [fmt_spread(spreads.get(field), unit) for _, field, unit in COLUMN_FIELDS])
     return header, rows, medians
 
 
@@ -150,22 +198,62 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, memray {memray.__version__}")
 
 
+def sections(text: str) -> dict[str, str]:
+    """The ``## NAME`` sections of a report, by name, each from its heading to the next (text as is)."""
+    found, name, lines = {}, None, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            if name is not None:
+                found[name] = "\n".join(lines).rstrip() + "\n"
+            name, lines = line[3:].strip(), [line]
+        elif name is not None:
+            lines.append(line)
+    if name is not None:
+        found[name] = "\n".join(lines).rstrip() + "\n"
+    return found
+
+
 def write_report(root: Path, experiments: list[str], out: Path, command: str) -> str:
-    """Write the markdown report of every experiment sweep under ``root``; returns its text."""
+    """Write the markdown report of every experiment sweep under ``root`` to ``out``; returns its text.
+
+    An experiment without job results under ``root`` keeps its section from the current ``out``
+    (marked as kept), and so do sections that are not experiments (hand-written notes), so measured
+    numbers are never replaced by nothing. Raises BenchError, writing nothing, when an experiment
+    has neither runs nor a section to keep.
+    """
     from flmem.benchnotes import findings  # derived comparisons (targets), kept apart from the tables
 
+    runs = {name: load_jobs(root / name) for name in experiments}
+    previous = out.read_text() if out.is_file() else ""
+    old = sections(previous)
+    old_machine = next((ln for ln in previous.splitlines() if ln.startswith("Machine: ")), "")
+    missing = [name for name in experiments if not runs[name] and name not in old]
+    if not any(runs.values()):
+        missing = list(experiments)
+        raise BenchError(f"no job results (*/result.json) under {root} for any of {', '.join(missing)} (looked in "
+                         f"{', '.join(str(root / name) for name in missing)}); {out} was not written. Run the "
+                         "benchmark without --tables-only, or point --root at the directory that holds its sweeps")
+    if missing:
+        looked = ", ".join(str(root / name) for name in missing)
+        raise BenchError(f"no job results (*/result.json) under {root} for {', '.join(missing)} (looked in "
+                         f"{looked}), and {out} has no section to keep for them; {out} was not written. Run them "
+                         f"(python -m flmem.bench --experiments {','.join(missing)}) or point --root at their sweeps")
     parts = ["# flmem benchmarks", "",
              f"Machine: {machine()}.", "", f"Command: `{command}`", "",
              "Every number below was measured by the runs under "
-             f"`{root}`; each row is the median over its repetitions. MiB = 2^20 bytes; M = the model's "
+             f"`{root}`; each cell is the median over its row's completed runs (`runs`), followed by the range "
+             "(min-max) over those runs when there was more than one. MiB = 2^20 bytes; M = the model's "
              "bytes (sum of numel * element_size over the state dict); working = peak heap - baseline heap "
              "(the heap after imports, before any model or data); client columns are the largest client; "
              "round s = the server's median round wall time; MiB/s = median model-stream rate "
              "(encode + transfer + decode or fold) seen by the server.", ""]
     for name in experiments:
-        jobs = load_jobs(root / name)
+        jobs = runs[name]
         if not jobs:
-            parts += [f"## {name}", "", "No job results found.", ""]
+            kept = old[name].splitlines()
+            parts += [kept[0], "", f"Kept from the previous {out.name}: no job results under `{root / name}` "
+                      "when this report was written." + (f" Measured on: {old_machine[9:]}" if old_machine else ""),
+                      *kept[1:], ""]
             continue
         header, rows, medians = experiment_table(jobs)
         ran = root / name / "bench_command.txt"
@@ -174,7 +262,10 @@ def write_report(root: Path, experiments: list[str], out: Path, command: str) ->
             parts += [f"Sweep: `{ran.read_text().strip()}`", ""]
         parts += [markdown(header, rows), ""]
         parts += findings(name, medians)
-    text = "\n".join(parts) + "\n"
+    for name, text in old.items():  # hand-written sections (notes) and experiments not rebuilt this time
+        if name not in experiments:
+            parts += [text.rstrip(), ""]
+    text = "\n".join(parts).rstrip() + "\n"
     out.write_text(text)
     return text
 
@@ -209,7 +300,11 @@ def main(argv=None) -> int:
         for name, repeats in plan.items():
             run_experiment(name, repeats, args.root, args.overrides)
     command = "python -m flmem.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(args.root, experiments, args.out, command.strip())
+    try:
+        write_report(args.root, experiments, args.out, command.strip())
+    except BenchError as exc:
+        print(f"python -m flmem.bench: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -2,7 +2,8 @@
 
 Each function takes ``medians`` as built by :func:`flmem.bench.experiment_table` (a dict keyed by
 sorted ``(override, value)`` tuples) and returns markdown lines. Only measured numbers are used;
-where a number is missing the line says so.
+where a number is missing the line says so. Working memory in units of M is quoted as its median
+with the range over runs, ``2.35 (2.31-2.40)``, when the row had more than one run.
 """
 from __future__ import annotations
 
@@ -18,9 +19,20 @@ def _pick(medians: dict, **want) -> dict | None:
 
 
 def _in_m(med: dict | None, field: str) -> float | None:
+    if med and med.get(f"{field}_M") is not None:
+        return med[f"{field}_M"]  # the median of the per-run ratios
     if not med or med.get(field) is None or not med.get("M"):
         return None
     return med[field] / med["M"]
+
+
+def _in_m_text(med: dict | None, field: str) -> str:
+    """``field`` in units of M: the median, with ``(min-max)`` over runs when there was more than one."""
+    value = _in_m(med, field)
+    span = (med or {}).get("ranges", {}).get(f"{field}_M")
+    if value is None or not span or (med or {}).get("runs", 1) < 2:
+        return _f(value)
+    return f"{value:.2f} ({span[0]:.2f}-{span[1]:.2f})"
 
 
 def _f(value, fmt="{:.2f}") -> str:
@@ -37,16 +49,18 @@ def resnet_scaling(medians: dict) -> list[str]:
              "| path | " + " | ".join(f"N={n}" for n in ns) + " | growth N=%d to N=%d |" % (ns[0], ns[-1]),
              "|---|" + "---|" * (len(ns) + 1)]
     for label, flag in (("optimized", True), ("original", False)):
-        values = [_in_m(_pick(medians, num_clients=n, optimize=flag), "server_work") for n in ns]
+        picked = [_pick(medians, num_clients=n, optimize=flag) for n in ns]
+        values = [_in_m(med, "server_work") for med in picked]
         growth = None if None in (values[0], values[-1]) else values[-1] - values[0]
-        lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + f" | {_f(growth, '{:+.2f}')} M |")
+        lines.append(f"| {label} | " + " | ".join(_in_m_text(med, "server_work") for med in picked)
+                     + f" | {_f(growth, '{:+.2f}')} M |")
     lines.append("")
     n = 4 if 4 in ns else ns[0]
     opt, org = _pick(medians, num_clients=n, optimize=True), _pick(medians, num_clients=n, optimize=False)
     for role in ("server", "client"):
         red = _reduction(org and org.get(f"{role}_work"), opt and opt.get(f"{role}_work"))
-        lines.append(f"- N={n}, {role} working memory: original {_f(_in_m(org, f'{role}_work'))} M, optimized "
-                     f"{_f(_in_m(opt, f'{role}_work'))} M: {_f(red and 100 * red, '{:.0f}')}% lower.")
+        lines.append(f"- N={n}, {role} working memory: original {_in_m_text(org, f'{role}_work')} M, optimized "
+                     f"{_in_m_text(opt, f'{role}_work')} M: {_f(red and 100 * red, '{:.0f}')}% lower (medians).")
     for n in ns:
         opt, org = _pick(medians, num_clients=n, optimize=True), _pick(medians, num_clients=n, optimize=False)
         if opt and org and opt.get("round_s") and org.get("round_s"):
@@ -73,12 +87,12 @@ def large_model(medians: dict) -> list[str]:
     opt, org = _pick(medians, optimize=True), _pick(medians, optimize=False)
     if opt and opt.get("M"):
         lines.append(f"- Optimized path, model of {opt['M'] / 2**30:.2f} GiB: server working memory "
-                     f"{_f(_in_m(opt, 'server_work'))} M, client {_f(_in_m(opt, 'client_work'))} M, "
+                     f"{_in_m_text(opt, 'server_work')} M, client {_in_m_text(opt, 'client_work')} M, "
                      f"model streams at {_f(opt.get('mib_s'), '{:.0f}')} MiB/s (median).")
     else:
         lines.append("- Optimized path: did not complete (see the failure column).")
     if org is not None and org.get("M"):
-        lines.append(f"- Original path completed: server working memory {_f(_in_m(org, 'server_work'))} M.")
+        lines.append(f"- Original path completed: server working memory {_in_m_text(org, 'server_work')} M.")
     else:
         lines.append("- Original path: stopped early (see the failure column: the 2 GiB protobuf message limit).")
     return lines + [""]

@@ -42,7 +42,7 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
                 header, finished, chunks = connection.fetch(r, rank)
                 codec.receive_into(header, chunks, state)
             if finished and r < rounds:
-                raise RuntimeError(f"the server finished after {r} rounds, but this client expects rounds={rounds}")
+                raise RuntimeError(f"the server finished after {r} round{'' if r == 1 else 's'}, but this client expects rounds={rounds}")
         if r == rounds:
             break
         t1 = time.time()

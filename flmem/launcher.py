@@ -32,6 +32,9 @@ from flmem.config import reference_config, validate
 from flmem.profiling import finish_role
 from flmem.status import read_json, read_metrics, write_json
 
+#: problems with the data files, reported with ``failure.role == "data"``
+DATA_ERRORS = (data.DatasetNotFoundError, data.IdxFormatError, data.CifarFormatError)
+
 
 class JobError(RuntimeError):
     """A job cannot start (bad output dir, server never ready)."""
@@ -350,8 +353,9 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: st
     """Run one job end to end and return its result (also written to ``result.json``).
 
     Never raises for a role failure: the result's ``status`` is ``failed`` and ``failure`` names
-    the role and the reason. Config, data and output-dir problems are reported the same way,
-    with ``failure.role == "config"``. Ctrl-C or SIGTERM at any point stops the roles, leaves a
+    the role and the reason. Problems found before any process starts are reported the same way:
+    missing or unreadable data files with ``failure.role == "data"``, config and output-dir
+    problems with ``failure.role == "config"``. Ctrl-C or SIGTERM at any point stops the roles, leaves a
     ``result.json`` whose failure (role ``launcher``) says when it came, and raises KeyboardInterrupt.
     ``dir_key``: the setting that chose ``job_dir`` (``hydra.sweep.dir`` in a sweep), named in errors.
     """
@@ -363,7 +367,9 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: st
     with _signals(_interrupt):  # SIGTERM (kill, timeout, a scheduler) stops the job like Ctrl-C
         try:
             config = job.prepare(dir_key)
-        except (ConfigError, data.DatasetNotFoundError, JobError, ValueError) as exc:
+        except DATA_ERRORS as exc:
+            return failed_result(job_dir, overrides, "data", str(exc), started)
+        except (ConfigError, JobError, ValueError) as exc:
             return failed_result(job_dir, overrides, "config", str(exc), started)
         except KeyboardInterrupt as exc:
             failed_result(job_dir, overrides, "launcher", f"interrupted ({_how(exc)}) before any role started",

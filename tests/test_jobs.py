@@ -125,7 +125,9 @@ def test_bad_input_fails_fast_with_the_key_and_the_fix(tmp_path):
     assert proc.returncode == 1 and "cifar-10-batches-py lacks data_batch_1" in " ".join(proc.stdout.split())
     proc = launch(["dataset=imagenet"], tmp_path)
     assert proc.returncode == 1 and "Available options" in proc.stderr and "fashion_mnist" in proc.stderr
-    assert all(result(j)["failure"]["role"] == "config" for j in job_dirs(tmp_path))
+    roles = {dict(o.split("=", 1) for o in result(j)["overrides"]).get("dataset"): result(j)["failure"]["role"]
+             for j in job_dirs(tmp_path)}
+    assert roles == {None: "config", "cifar": "data"}  # missing data files are labelled data, not config
     assert not list(tmp_path.glob("outputs/**/capture.bin"))  # no process was started
 
 

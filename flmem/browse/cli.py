@@ -1,7 +1,8 @@
 """``flmem browse``: list, show, compare and report sweeps and runs.
 
-Exit status: 0 shown, 2 bad input (unknown directory, column, filter, key), with a message that
-names the value and the valid choices on stderr.
+Exit status: 0 shown (also when the reader closes the output early, as ``| head -1`` does), 2 bad
+input (unknown directory, column, filter, key), with a message that names the value and the valid
+choices on stderr.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from flmem.browse.discover import resolve
 from flmem.browse.model import BrowseError, Job
 from flmem.browse.render import FORMATS, emit, make_console
 from flmem.browse.views import compare_view, listing_view, run_view, short, sweep_view
+from flmem.termtable import quiet_broken_pipe
 
 EPILOG = """examples:
   flmem browse                              sweeps and runs under ./outputs, newest first
@@ -68,30 +70,31 @@ def browse(args: argparse.Namespace, console: Console | None = None) -> int:
             option = "--compare" if args.compare else "--sort" if args.sort else "--filter"
             raise BrowseError(f"{option} applies to a sweep's jobs, and {target.dir} is a single job; "
                               "give its sweep directory")
-        emit(run_view(target, args.top), args.format, console)
+        shown = emit(run_view(target, args.top), args.format, console)
         if args.html:
             from flmem.browse.html import write_run_report
 
-            _report_written(write_run_report(target, args.top), console, args.format)
+            _report_written(write_run_report(target, args.top), console, args.format, shown)
         return 0
     if args.compare:
         comparison = compare(target, args.compare, args.baseline, args.noise / 100)
-        emit(compare_view(target, comparison, args.filter), args.format, console)
+        shown = emit(compare_view(target, comparison, args.filter), args.format, console)
     else:
-        emit(sweep_view(target, args.filter, args.sort), args.format, console)
+        shown = emit(sweep_view(target, args.filter, args.sort), args.format, console)
     if args.html:
         from flmem.browse.html import write_sweep_report
 
         key = args.compare or default_key(target)
         _report_written(write_sweep_report(target, key, args.baseline, args.noise / 100, args.top), console,
-                        args.format)
+                        args.format, shown)
     return 0
 
 
-def _report_written(path: Path, console: Console, fmt: str) -> None:
+def _report_written(path: Path, console: Console, fmt: str, shown: bool = True) -> None:
+    """Say where the report went: after a table on stdout, else (or when stdout was closed) on stderr."""
     message = f"report: {short(path)}"
-    if fmt == "table":
-        console.print(message, soft_wrap=True, highlight=False)
+    if fmt == "table" and shown:
+        console.print(message, soft_wrap=True, highlight=False, markup=False)
     else:
         print(message, file=sys.stderr)
 
@@ -122,10 +125,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return browse(args)
     except BrowseError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except BrokenPipeError:  # the reader left early (| head): not an error (before OSError, its base class)
+        quiet_broken_pipe()
+        return 0
     except OSError as exc:  # an unreadable directory or file: say which, no traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    except BrokenPipeError:
-        return 0
     except KeyboardInterrupt:
         return 130
 

@@ -4,19 +4,25 @@ A view is a list of Sections (title, columns, raw rows) plus notes. ``table`` an
 format values for people (MiB, seconds, ratios); ``csv`` and ``json`` keep them raw (bytes,
 seconds, fractions) so scripts get exact numbers. ``csv`` holds the view's first section, followed
 by the rows of any later section with the same columns (a comparison's per-phase rows).
+
+``table`` fits the terminal (:mod:`flmem.termtable`): numbers and words are never split, paths
+are shortened in the middle, and columns that cannot fit are dropped and named under the table.
+Output that is not a terminal (a pipe, a file) is never wrapped or cut, and neither is csv, json
+or markdown. A reader that closes the pipe early (``| head -1``) ends the output quietly: exit 0.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
+import sys
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from flmem.browse.tables import Column
+from flmem.termtable import FitColumn, fit_table, make_console, quiet_broken_pipe  # noqa: F401 (make_console)
 
 MiB = 2**20
 FORMATS = ("table", "csv", "json", "markdown")
@@ -99,19 +105,48 @@ def people(section: Section) -> list[Column]:
     return [c for c in section.columns if c.people]
 
 
+#: columns dropped first when a table does not fit the terminal (higher first); the rest go from the right
+DROP_FIRST = {
+    # a sweep's jobs
+    "clients_peak_rss_mean_bytes": 9, "clients_peak_heap_mean_bytes": 8, "clients_peak_rss_max_bytes": 7,
+    "server_peak_rss_bytes": 6, "duration_s": 5,
+    # a run's roles, allocation sites and rounds
+    "total_allocations": 9, "baseline_heap_bytes": 7, "exit_code": 6, "allocations": 9, "flmem_caller": 6,
+    "aggregate_s": 9, "client_train_s": 8, "round_s": 7,
+    # a comparison: the ratio is kept longest
+    "noise": 9, "note": 8, "diff": 2,
+    # the listing
+    "planned": 9, "problems": 8, "running": 7, "when": 6,
+}
+PATH_KEYS = {"flamegraph", "site", "flmem_caller"}  # shortened in the middle, never wrapped
+KEY_KEYS = {"path"}  # the listing's sweep and run directories, to copy into `flmem browse DIR`: whole
+LONG_TEXT = {"notes", "note", "reason", "capture", "varying"}  # wrapped at spaces, at most 60 wide
+BELOW = {"notes", "reason"}  # when left out to fit: listed under the table, by the row's first cell (job)
+
+
+def fit_column(col: Column) -> FitColumn:
+    kind = "path" if col.key in PATH_KEYS else "key" if col.key in KEY_KEYS else \
+        "text" if col.kind == "text" else "number"
+    return FitColumn(col.header, kind, DROP_FIRST.get(col.key, 0), 60 if col.key in LONG_TEXT else None)
+
+
 def print_table(view: View, console: Console) -> None:
-    console.print(f"[bold]{view.title}[/bold]", soft_wrap=True)
+    """Each section as a table no wider than ``console.width``; notes below, never wrapped by rich."""
+    console.print(f"[bold]{escape(view.title)}[/bold]", soft_wrap=True)
     for section in view.sections:
-        table = Table(title=section.title, title_justify="left", show_lines=False)
-        for col in people(section):
-            numeric = col.kind not in ("text",)
-            table.add_column(col.header, justify="right" if numeric else "left",
-                             overflow="fold", max_width=60 if col.key in ("notes", "note", "reason") else None)
-        for row in section.rows:
-            table.add_row(*[cell(row, c) for c in people(section)], style=_style(row))
+        cols = people(section)
+        rows = [[cell(row, c) for c in cols] for row in section.rows]
+        table, dropped = fit_table([fit_column(c) for c in cols], rows, console.width, title=section.title or None,
+                                   styles=[_style(row) for row in section.rows],
+                                   below={i for i, c in enumerate(cols) if c.key in BELOW})
         console.print(table)
+        for i in (i for i in dropped if cols[i].key in BELOW):  # failure reasons: below the table
+            for row in rows:
+                if row[i] not in ("", "-"):
+                    console.print(f"  {cols[0].header} {row[0]}: {row[i]}", soft_wrap=True, highlight=False,
+                                  markup=False)
     for note in view.notes:
-        console.print(f"  {note}", soft_wrap=True, highlight=False)
+        console.print(f"  {note}", soft_wrap=True, highlight=False, markup=False)
 
 
 def to_markdown(view: View) -> str:
@@ -150,20 +185,23 @@ def to_json(view: View) -> str:
     return json.dumps(data, indent=2, default=str) + "\n"
 
 
-def make_console(**kwargs) -> Console:
-    """A rich Console; when stdout is not a terminal, tables get ``$COLUMNS`` or 200 columns, not 80."""
-    console = Console(**kwargs)
-    if not console.is_terminal and "width" not in kwargs:
-        console = Console(width=int(os.environ.get("COLUMNS", 0)) or 200, **kwargs)
-    return console
+def emit(view: View, fmt_name: str, console: Console | None = None) -> bool:
+    """Print ``view`` in ``fmt_name`` (one of FORMATS) to ``console`` (stdout by default).
 
-
-def emit(view: View, fmt_name: str, console: Console | None = None) -> None:
-    """Print ``view`` in ``fmt_name`` (one of FORMATS) to ``console`` (stdout by default)."""
+    Returns False when the reader closed the output early (a broken pipe), after which nothing more
+    should be written; True otherwise.
+    """
     console = console or make_console()
-    if fmt_name == "table":
-        print_table(view, console)
-        return
-    text = {"csv": to_csv, "json": to_json, "markdown": to_markdown}[fmt_name](view)
-    console.file.write(text)
-    console.file.flush()
+    try:
+        if fmt_name == "table":
+            print_table(view, console)
+        else:
+            text = {"csv": to_csv, "json": to_json, "markdown": to_markdown}[fmt_name](view)
+            console.file.write(text)
+            console.file.flush()
+    except BrokenPipeError:  # the reader left (| head): say nothing more, exit 0
+        console.quiet = True
+        if console.file is sys.stdout or console.file is sys.__stdout__:
+            quiet_broken_pipe()
+        return False
+    return not console.quiet

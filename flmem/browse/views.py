@@ -10,6 +10,7 @@ from flmem.browse.model import Job, Sweep
 from flmem.browse.phases import exactness, exactness_notes, finite, phase_rows, summary_phases
 from flmem.browse.render import View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
+from flmem.report import plural
 
 ROLE_COLUMNS = [
     Column("role", "role", "text"), Column("exit_code", "exit", "text"),
@@ -84,16 +85,41 @@ def listing_view(items: list[Sweep], root: Path) -> View:
                 {"root": str(root)})
 
 
+def model_sizes(sweep: Sweep) -> str | None:
+    """The note that says what M is for each job: one size, or each size with the overrides (and jobs)
+    it belongs to, e.g. ``M = global model size: 1.61 MiB for dataset=mnist (jobs 1, 3); 2.08 MiB for
+    dataset=cifar (jobs 0, 2)``. None when no job reported its model size."""
+    by_size: dict[int, list[Job]] = {}
+    for job in sweep.jobs:
+        if job.model_bytes:
+            by_size.setdefault(job.model_bytes, []).append(job)
+    if not by_size:
+        return None
+    if len(by_size) == 1:
+        (m, jobs), = by_size.items()
+        return f"M = global model size: {m / MiB:.2f} MiB ({m} bytes), the same in every job that reported it"
+    parts = []
+    for m, jobs in sorted(by_size.items()):
+        others = [j for j in sweep.jobs if j.model_bytes and j.model_bytes != m]
+        common = {k: str(jobs[0].overrides.get(k)) for k in sweep.varying
+                  if len({str(j.overrides.get(k)) for j in jobs}) == 1}
+        telling = [f"{k}={v}" for k, v in common.items() if any(str(o.overrides.get(k)) != v for o in others)]
+        names = ", ".join(j.name for j in jobs)
+        parts.append(f"{m / MiB:.2f} MiB for " + (" ".join(telling) + " " if telling else "")
+                     + f"({'job' if len(jobs) == 1 else 'jobs'} {names})")
+    return "M = global model size: " + "; ".join(parts)
+
+
 def sweep_view(sweep: Sweep, filters: list[str] = (), sort: str | None = None) -> View:
     columns, rows = sweep_rows(sweep)
     rows = sort_rows(apply_filters(rows, list(filters), sweep.jobs), sort, columns)
     notes = []
     if sweep.expected_jobs and sweep.expected_jobs > len(sweep.jobs):
         notes.append(f"{sweep.expected_jobs - len(sweep.jobs)} of {sweep.expected_jobs} jobs not started yet")
-    models = {j.model_bytes for j in sweep.jobs if j.model_bytes}
-    if models:
-        notes.append("M = global model size: " + ", ".join(f"{m / MiB:.2f} MiB" for m in sorted(models)))
-    title = (f"sweep {short(sweep.dir)}: {len(sweep.jobs)} jobs, {sweep.failed} failed, "
+    sizes = model_sizes(sweep)
+    if sizes:
+        notes.append(sizes)
+    title = (f"sweep {short(sweep.dir)}: {plural(len(sweep.jobs), 'job')}, {sweep.failed} failed, "
              f"{sweep.running} running or incomplete")
     return View(title, [Section("jobs", "", columns, rows)], notes,
                 {"dir": str(sweep.dir), "varying": sweep.varying})
