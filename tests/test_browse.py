@@ -454,23 +454,32 @@ def test_compare_fl_stage_and_per_phase(capsys, sweep, tmp_path):
         assert r["phase"] is None and r["n"] == 1
         c = rows[("clients (max)", metric)]
         assert c["after"] == max(after[k][key] for k in after if k.startswith("client"))
-    phases = _by(data["phases"], "role", "phase")
+    over = _by([r for r in data["phases"] if r["metric"] == "over FL start"], "role", "phase")
+    phases = _by([r for r in data["phases"] if r["metric"] == "peak heap"], "role", "phase")
     assert ("server", "train") not in phases and ("clients (max)", "aggregate") not in phases
+
+    def side(written_job, role, phase, over_start=False):
+        return max(p["peak_heap_bytes"] - (s["fl_start_heap_bytes"] if over_start else 0)
+                   for k, s in written_job.items() if (k == "server") == (role == "server")
+                   for p in s["phases"] if p["phase"] == phase)
     for (role, phase), r in phases.items():
-        b = max(p["peak_heap_bytes"] for k, s in before.items() if (k == "server") == (role == "server")
-                for p in s["phases"] if p["phase"] == phase)
-        a = max(p["peak_heap_bytes"] for k, s in after.items() if (k == "server") == (role == "server")
-                for p in s["phases"] if p["phase"] == phase)
+        b, a = side(before, role, phase), side(after, role, phase)
         assert (r["metric"], r["before"], r["after"], r["diff"]) == ("peak heap", b, a, a - b), (role, phase)
         assert r["ratio"] == pytest.approx(a / b) and r["stage"] == next(
             p["stage"] for p in before["server"]["phases"] + before["client_0"]["phases"] if p["phase"] == phase)
+        # FL phases also compare what they add over the heap when FL began (model and data held)
+        assert ((role, phase) in over) == (r["stage"] == "fl"), (role, phase)
+        if r["stage"] == "fl":
+            o = over[(role, phase)]
+            assert (o["before"], o["after"]) == (side(before, role, phase, True), side(after, role, phase, True))
     # FL phases of the before job are 6 MiB higher on top of the jobs' own difference; setup phases equal theirs
     train = phases[("clients (max)", "train")]
     assert train["before"] == max(before[c]["fl_peak_heap_bytes"] for c in ("client_0", "client_1"))
     assert any(n.startswith("setup, FL and per-phase peaks: sampled every 10 ms") for n in data["notes"])
     # --filter phase=...: only that phase's rows; whole-run rows have no phase
     data = browse_json(capsys, root, "--compare", "optimize", "--filter", "phase=train")
-    assert data["comparison"] == [] and [r["phase"] for r in data["phases"]] == ["train"]
+    assert data["comparison"] == [] and [(r["phase"], r["metric"]) for r in data["phases"]] == [
+        ("train", "peak heap"), ("train", "over FL start")]
     data = browse_json(capsys, root, "--compare", "optimize", "--filter", "role=server", "--filter", "phase=-")
     assert {r["metric"] for r in data["comparison"]} >= {"FL peak heap", "setup peak heap"} and data["phases"] == []
     # csv: the comparison rows, then the per-phase rows, raw bytes

@@ -144,10 +144,17 @@ def _getter(key: str, clients: bool, agg) -> Callable[[Job], float | None]:
     return get
 
 
-def _phase_getter(phase: str, clients: bool, agg) -> Callable[[Job], float | None]:
+def _over_fl_start(role, phase: str) -> float | None:
+    """``phase``'s peak heap minus the heap when the role's FL stage began (model and data held): what the
+    phase adds over setup, so the data a role keeps does not hide what its FL code paths cost."""
+    peak, start = phase_value(role, phase), finite(role.get("fl_start_heap_bytes"))
+    return None if peak is None or start is None else peak - start
+
+
+def _phase_getter(phase: str, clients: bool, agg, value=phase_value) -> Callable[[Job], float | None]:
     def get(job: Job):
         vals = [v for r in job.roles.values() if r.is_client == clients
-                and (v := phase_value(r, phase)) is not None]
+                and (v := value(r, phase)) is not None]
         return (vals[0] if vals else None) if agg is None else (agg(vals) if vals else None)
     return get
 
@@ -194,8 +201,9 @@ def _pair_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list
 
 
 def _phase_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list[CompareRow]:
-    """Each phase's peak heap (baseline included) for the server and the clients (max); phases a
-    role did not record on either side give no row."""
+    """Each phase's peak heap (baseline included) for the server and the clients (max) and, for FL phases,
+    that peak minus the heap when FL began ("over FL start"); phases a role did not record on either side
+    give no row."""
     rows = []
     for phase in phase_names(a + b):
         stage = stage_of(a + b, phase)
@@ -207,6 +215,15 @@ def _phase_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> lis
                        max(spread, _baseline_shift(a, b, clients)), phase=phase, stage=stage)
             if row.n_before or row.n_after:
                 rows.append(row)
+            if stage == "fl":  # the baseline cancels out here, so its shift is no noise
+                spread = _client_spread(a + b, lambda j: [v for r in j.roles.values() if r.is_client
+                                                          and (v := _over_fl_start(r, phase)) is not None]) \
+                    if clients else 0.0
+                row = _row(group, role, "over FL start", "bytes", a, b,
+                           _phase_getter(phase, clients, agg, _over_fl_start), rel_noise, spread, phase=phase,
+                           stage=stage)
+                if row.n_before or row.n_after:
+                    rows.append(row)
     return rows
 
 

@@ -182,7 +182,9 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
                       for g, a, b in comparison.groups],
             "unpaired": comparison.unpaired}
     sections = [Section("comparison", "", cols, [r for r in rows if r["section"] == "comparison"]),
-                Section("phases", "per phase: peak heap of each phase (baseline included; server, clients max)",
+                Section("phases", "per phase: peak heap of each phase (baseline included) and, for FL phases, over FL start "
+                        "(the peak minus the heap when FL began: what the phase adds over model and data; server, "
+                        "clients max)",
                         phase_cols, [r for r in rows if r["section"] == "phases"])]
     return View(title, sections, notes, meta)
 
