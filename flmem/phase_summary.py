@@ -8,7 +8,9 @@ Two sources, one per capture format:
 * exact (``all_allocations``): memray's high-water mark of every snapshot interval
   (``FileReader.get_temporal_high_water_mark_allocation_records``, which replays every allocation).
   A phase's peak is the largest high-water mark of the intervals that overlap it, so an interval
-  straddling a phase boundary counts in both phases. RSS stays sampled.
+  straddling a phase boundary counts in both phases, and a phase shorter than one interval (no
+  snapshot inside) gets its interval's high-water mark: an upper bound, flagged ``upper_bound`` with
+  ``exact: false``. RSS stays sampled.
 
 Snapshot times are whole milliseconds (memray truncates them), so a snapshot stamped ``t`` belongs to a
 phase ``[start_ms, end_ms]`` when ``start_ms - 1 < t <= end_ms``. Phases that follow each other within
@@ -103,6 +105,11 @@ def summarize_phases(phases: list[dict], snapshots, *, hwm=None, offset: int = 0
         entry["peak_heap_bytes"] = _max([entry["peak_heap_bytes"], heap])
         entry["peak_rss_bytes"] = _max([entry["peak_rss_bytes"], rss])
         entry["samples"] += samples
+        if exact and samples == 0:
+            # No snapshot inside: the phase lies within one interval, whose high-water mark may belong to
+            # its neighbours. Its peak is an upper bound, not the phase's own.
+            entry["exact"] = False
+            entry["upper_bound"] = True
     out["phases"] = list(by_name.values())
     for stage in ("setup", "fl"):
         mine = [p for p in phases if p["stage"] == stage]

@@ -126,7 +126,10 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
     if summary["peak_rss_bytes"] is not None:
         # Working RSS counts the role's run, not its exit: torch's libraries fault in ~100 MiB of
         # file-backed pages while they unload, which says nothing about the FL code paths.
-        summary["run_peak_rss_bytes"] = summary["peak_rss_bytes"] - (summary["exit_rss_growth_bytes"] or 0)
+        # VmHWM read at the end can lag the RSS memray sampled (the kernel folds per-thread RSS counts
+        # in lazily), so the run's peak is at least the largest sample.
+        summary["run_peak_rss_bytes"] = max(summary["peak_rss_bytes"] - (summary["exit_rss_growth_bytes"] or 0),
+                                            summary.get("sampled_peak_rss_bytes") or 0)
     if isinstance(summary["baseline_rss_bytes"], int) and summary["run_peak_rss_bytes"] is not None:
         summary["working_rss_bytes"] = summary["run_peak_rss_bytes"] - summary["baseline_rss_bytes"]
     try:
@@ -158,7 +161,8 @@ def _read_capture(capture: Path, markers: dict, summary: dict, top: int) -> None
             if summary["baseline_heap_bytes"] is not None:
                 summary["working_heap_bytes"] = summary["peak_heap_bytes"] - summary["baseline_heap_bytes"]
         if snapshots:
-            summary["peak_rss_bytes"] = max(int(max(s.rss for s in snapshots)), summary["peak_rss_bytes"] or 0)
+            summary["sampled_peak_rss_bytes"] = int(max(s.rss for s in snapshots))
+            summary["peak_rss_bytes"] = max(summary["sampled_peak_rss_bytes"], summary["peak_rss_bytes"] or 0)
         if summary["duration_s"] is None:
             summary["duration_s"] = (meta.end_time - meta.start_time).total_seconds()
         summary["top_sites"] = top_sites(reader, top)

@@ -63,7 +63,9 @@ def test_markers_hold_each_phase_in_time_order(sampled_job, role):
         assert before["start_ms"] <= before["end_ms"] <= after["start_ms"] <= after["end_ms"]
     fl = [p for p in phases if p["stage"] == "fl"]
     for before, after in zip(fl, fl[1:]):  # the FL phases follow each other: no memory falls between them
-        assert after["start_ms"] - before["end_ms"] < 1.0
+        # (no code runs between two phases but a loop step; on a loaded machine the OS may still
+        # deschedule the role there, hence the slack)
+        assert after["start_ms"] - before["end_ms"] < 250.0
     assert phases[-1]["end_ms"] <= markers["end_ms"]
     assert markers["baseline_rss_bytes"] > 50 * 2**20  # torch alone is more
 
@@ -98,7 +100,9 @@ def test_sampled_phase_peaks_add_up(sampled_job, role):
     assert s["fl_working_heap_bytes"] == s["fl_peak_heap_bytes"] - s["fl_start_heap_bytes"]
     assert s["fl_working_heap_in_M"] == pytest.approx(s["fl_working_heap_bytes"] / s["model_bytes"])
     assert s["fl_peak_rss_bytes"] <= s["peak_rss_bytes"]
-    assert s["run_peak_rss_bytes"] == s["peak_rss_bytes"] - (s["exit_rss_growth_bytes"] or 0)
+    assert s["run_peak_rss_bytes"] == max(s["peak_rss_bytes"] - (s["exit_rss_growth_bytes"] or 0),
+                                          s["sampled_peak_rss_bytes"])
+    assert s["fl_peak_rss_bytes"] <= s["run_peak_rss_bytes"] <= s["peak_rss_bytes"]
     assert s["working_rss_bytes"] == s["run_peak_rss_bytes"] - s["baseline_rss_bytes"] > 0
     # The launcher reaped the role with wait4: its ru_maxrss at the very end is on record. It speaks for the
     # role only above what the process inherited from the launcher through exec.
@@ -122,7 +126,11 @@ def test_exact_phase_peaks_hold_the_high_water_mark(exact_job, role):
     s = read(job, role, "summary.json")
     assert memray.FileReader(str(job / "roles" / role / "capture.bin")).metadata.file_format \
         == memray.FileFormat.ALL_ALLOCATIONS
-    assert s["phase_peaks"] == "exact" and all(p["exact"] for p in s["phases"])
+    assert s["phase_peaks"] == "exact"
+    # a phase is exact when a snapshot fell inside it, else its peak is its interval's: an upper bound
+    assert all(p["exact"] != bool(p.get("upper_bound")) and (p["samples"] > 0 or not p["exact"])
+               for p in s["phases"])
+    assert any(p["exact"] for p in s["phases"] if p["stage"] == "fl")
     peaks = [p["peak_heap_bytes"] for p in s["phases"]]
     assert None not in peaks  # every phase overlaps at least one snapshot interval
     assert max(peaks) == s["peak_heap_bytes"]
@@ -161,7 +169,8 @@ def test_exact_peaks_take_every_interval_that_overlaps_a_phase():
     by = {p["phase"]: p for p in out["phases"]}
     assert by["model"]["peak_heap_bytes"] == 107  # intervals 0-2: the one ending at 1008 straddles into fetch
     assert by["train"]["peak_heap_bytes"] == 120  # inside the interval 1008..1020, whose peak is 20
-    assert by["fetch"]["peak_heap_bytes"] == 120 and all(p["exact"] for p in out["phases"])
+    assert not by["train"]["exact"] and by["train"]["upper_bound"]  # no snapshot inside: an upper bound
+    assert by["fetch"]["peak_heap_bytes"] == 120 and by["fetch"]["exact"] and by["model"]["exact"]
     assert out["phase_peaks"] == "exact" and out["fl_peak_heap_bytes"] == 120
 
 
