@@ -119,8 +119,26 @@ def round_time(medians: dict) -> list[str]:
             f"ratio optimized/original = {opt['round_s'] / org['round_s']:.2f}.", ""]
 
 
+def repeat_spread(medians: dict) -> list[str]:
+    """How much working memory varies between repeats of the same job, per path and role."""
+    lines = []
+    for role in ("server", "client"):
+        parts = []
+        for label, flag in (("original", False), ("optimized", True)):
+            med = _pick(medians, optimize=flag)
+            span = (med or {}).get("ranges", {}).get(f"{role}_work_M")
+            width = None if not span else span[1] - span[0]
+            parts.append(f"{label} {_in_m_text(med, f'{role}_work')} M (spread {_f(width)} M over "
+                         f"{(med or {}).get('runs', 'n/a')} runs)")
+        lines.append(f"- {role} working memory: " + "; ".join(parts) + ".")
+    lines += ["- On the original path concurrency decides how many client models the server holds at once, "
+              "so its peak varies between repeats; the optimized server folds one update at a time.", ""]
+    return lines
+
+
 def findings(name: str, medians: dict) -> list[str]:
     """Markdown lines of derived comparisons for experiment ``name`` (none for unknown experiments)."""
     fn = {"resnet_scaling": resnet_scaling, "client_overhead": client_overhead, "large_model": large_model,
-          "profiling_overhead": profiling_overhead, "round_time": round_time}.get(name)
+          "profiling_overhead": profiling_overhead, "round_time": round_time,
+          "repeat_spread": repeat_spread}.get(name)
     return fn(medians) if fn else []
