@@ -63,6 +63,19 @@ class LazyRows:
             data = raw.encode("latin1") if isinstance(raw, str) else raw
             self.array = np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
 
+    def whole(self) -> np.ndarray:
+        """The whole array, ``uint8`` ``shape``, read into memory in one piece (as ``pickle.load`` would hold it).
+
+        Raises CifarFormatError when the data string is shorter or longer than ``shape`` says.
+        """
+        if self.array is not None:
+            return self.array
+        if self.payload.encoding == "raw":  # open_batch checked that the string lies inside the file
+            with open(self.path, "rb") as fh:
+                fh.seek(self.payload.offset)
+                return np.fromfile(fh, dtype=np.uint8, count=self.payload.length).reshape(self.shape)
+        return self.rows(np.arange(self.shape[0]))
+
     def rows(self, rows) -> np.ndarray:
         """Rows ``rows`` (indices [R], any order) as ``uint8`` ``[R, shape[1]]``; holds about one window more.
 
@@ -185,3 +198,13 @@ def open_batch(path: Path) -> dict:
     if entry["data"].shape[0] != len(entry["labels"]):
         raise CifarFormatError(f"{path}: {entry['data'].shape[0]} images but {len(entry['labels'])} labels")
     return entry
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, list]:
+    """A batch file read whole, as torchvision's reader holds it: ``data`` ``uint8`` ``[N, 3072]`` and
+    its N labels, through the same restricted unpickler as :func:`open_batch` (no other code runs).
+
+    Raises CifarFormatError naming the file, as :func:`open_batch`.
+    """
+    entry = open_batch(path)
+    return entry["data"].whole(), entry["labels"]

@@ -14,6 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 ENVELOPE_BYTES = 1024  # room for a ModelChunk's non-data fields inside the gRPC message limit
 GRPC_MAX = 2**31 - 1
+# Seeds go to numpy's default_rng and torch.manual_seed, mixed with the rank and round; 32 bits is
+# the range every seeded generator here (numpy's legacy RandomState too) takes as given.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -30,6 +33,11 @@ def _rules(cfg: DictConfig):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return ok, f"{key}={value}: must be a number > 0{unit}"
 
+    def seed(key, value):
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+        return ok, f"{key}={value}: a seed must be an integer in 0..{SEED_MAX} (2**32-1)"
+
+    yield seed("seed", cfg.seed)
     yield at_least("num_clients", cfg.num_clients, 1)
     yield at_least("rounds", cfg.rounds, 1)
     yield at_least("local_steps", cfg.local_steps, 1)
@@ -58,6 +66,8 @@ def _rules(cfg: DictConfig):
            f"dataset={ds.name} with {'model=transformer' if language_model else 'an image model'}: "
            "model=transformer needs dataset=tokens and dataset=tokens needs model=transformer; image datasets "
            "take model=cnn or model=resnet18")
+    if ds.seed != cfg.seed:  # the same value is reported once, as seed
+        yield seed("dataset.seed", ds.seed)
     yield ds.partition in ("iid", "dirichlet"), f"dataset.partition={ds.partition}: must be iid or dirichlet"
     yield positive("dataset.alpha", ds.alpha)
     if ds.samples_per_client is not None:

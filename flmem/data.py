@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import download_and_extract_archive
 
 from flmem import synthetic
-from flmem.cifar import CifarFormatError, open_batch
+from flmem.cifar import CifarFormatError, open_batch, read_batch
 from flmem.idx import IdxFormatError, IdxHeader, read_all, read_header, read_rows
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -63,16 +64,11 @@ class SplitDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------ sources
-class _CIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader with existence checks in place of md5 checks."""
-
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root, self.base_folder)
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    def _load_meta(self) -> None:
-        self.classes = [str(i) for i in range(10)]  # names are not needed; batches.meta may be absent
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+def _fetch_cifar(root: Path) -> None:
+    """torchvision's CIFAR-10 download (archive md5-checked, then unpacked), without its reader:
+    torchvision would ``pickle.load`` the batch files, which runs any code a file names."""
+    tv = torchvision.datasets.CIFAR10
+    download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
 
 
 def _ensure_cifar(cfg) -> Path:
@@ -81,7 +77,7 @@ def _ensure_cifar(cfg) -> Path:
     missing = [f for f in CIFAR_FILES[True] + CIFAR_FILES[False] if not (folder / f).is_file()]
     failure = None
     if missing and cfg.download:
-        failure = _download(lambda: _CIFAR10(str(root), train=False, download=True))
+        failure = _download(lambda: _fetch_cifar(root), [folder])
         missing = [f for f in missing if not (folder / f).is_file()]
     if missing:
         raise DatasetNotFoundError(
@@ -93,9 +89,45 @@ def _ensure_cifar(cfg) -> Path:
 
 
 def _cifar(cfg, train: bool) -> SplitData:
-    ds = _CIFAR10(str(_ensure_cifar(cfg)), train=train, download=False)
-    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    return SplitData(images, torch.tensor(ds.targets, dtype=torch.int64))
+    """The whole split as torchvision's CIFAR10 reader holds it: every batch file read whole into a
+    list, then stacked (a second copy of the split while both live), but each file is read through
+    flmem.cifar's restricted unpickler instead of ``pickle.load``."""
+    folder = _ensure_cifar(cfg) / "cifar-10-batches-py"
+    arrays, targets = [], []
+    for name in CIFAR_FILES[train]:
+        array, labels = read_batch(folder / name)
+        arrays.append(array)
+        targets.extend(checked_labels(cfg, labels, folder / name).tolist())
+    hwc = np.vstack(arrays).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # torchvision's layout
+    images = torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
+    return SplitData(images, torch.tensor(targets, dtype=torch.int64))
+
+
+class LabelRangeError(ValueError):
+    """A labels file holds a value that is not a class index of the dataset."""
+
+
+def checked_labels(cfg, labels, path: Path) -> np.ndarray:
+    """``labels`` (a list or array of N values) as ``int64`` ``[N]``, each in ``0..dataset.num_classes-1``.
+
+    Raises LabelRangeError naming ``path``, the first bad value, its position and the rule.
+    """
+    try:
+        values = np.asarray(labels)
+        ok_type = values.ndim == 1 and (values.dtype.kind in "iu" or values.size == 0)
+    except (ValueError, TypeError):
+        ok_type = False
+    if not ok_type:
+        raise LabelRangeError(f"{path}: labels are not a list of integers; replace the file with the dataset's")
+    values = values.astype(np.int64)
+    n = int(cfg.num_classes)
+    bad = np.flatnonzero((values < 0) | (values >= n))
+    if len(bad):
+        raise LabelRangeError(
+            f"{path}: label {int(values[bad[0]])} (sample {int(bad[0])}, {len(bad)} such) is not a class index: "
+            f"labels must be in 0..{n - 1} (dataset.num_classes={n}); replace the file with the dataset's, "
+            f"or set dataset.num_classes to the number of classes the files hold")
+    return values
 
 
 def _cifar_client(cfg, rank: int, num_clients: int) -> SplitData:
@@ -103,7 +135,8 @@ def _cifar_client(cfg, rank: int, num_clients: int) -> SplitData:
     file), which the partition needs, then only this client's rows of each file."""
     folder = _ensure_cifar(cfg) / "cifar-10-batches-py"
     batches = [open_batch(folder / name) for name in CIFAR_FILES[True]]
-    all_labels = torch.tensor([label for batch in batches for label in batch["labels"]], dtype=torch.int64)
+    all_labels = torch.from_numpy(np.concatenate(
+        [checked_labels(cfg, batch["labels"], folder / name) for batch, name in zip(batches, CIFAR_FILES[True])]))
     idx = client_indices(cfg, all_labels, rank, num_clients)
     images = torch.empty(len(idx), 3, 32, 32, dtype=torch.uint8)
     start = 0
@@ -152,7 +185,7 @@ def _ensure_idx(cfg) -> dict[str, IdxHeader]:
     failure = None
     if any(_find_idx(folders, s) is None for s in stems) and cfg.download:
         cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.FashionMNIST
-        failure = _download(lambda: cls(str(Path(cfg.root).expanduser()), train=False, download=True))
+        failure = _download(lambda: cls(str(Path(cfg.root).expanduser()), train=False, download=True), folders[:1])
     found = {s: _find_idx(folders, s) for s in stems}
     missing = [s for s, p in found.items() if p is None]
     if missing:
@@ -175,7 +208,9 @@ def _idx(cfg, train: bool) -> SplitData:
     headers = _ensure_idx(cfg)
     image_stem, label_stem = IDX_FILES[train]
     images = _read_idx(headers[image_stem].path, read_image_file).unsqueeze(1)  # [N, 1, 28, 28]
-    return SplitData(images.contiguous(), _read_idx(headers[label_stem].path, read_label_file).to(torch.int64))
+    path = headers[label_stem].path
+    labels = torch.from_numpy(checked_labels(cfg, _read_idx(path, read_label_file).numpy(), path))
+    return SplitData(images.contiguous(), labels)
 
 
 def _idx_rows(cfg, train: bool, rows=None, rank: int = 0, num_clients: int = 1) -> SplitData:
@@ -183,24 +218,32 @@ def _idx_rows(cfg, train: bool, rows=None, rank: int = 0, num_clients: int = 1) 
     client ``rank``'s partition, computed from the labels file (read whole: one byte per sample)."""
     headers = _ensure_idx(cfg)
     image_stem, label_stem = IDX_FILES[train]
-    labels = torch.from_numpy(read_all(headers[label_stem])).to(torch.int64)
+    labels = torch.from_numpy(checked_labels(cfg, read_all(headers[label_stem]), headers[label_stem].path))
     if rows is None:
         rows = client_indices(cfg, labels, rank, num_clients)
     images = torch.from_numpy(read_rows(headers[image_stem], rows)).unsqueeze(1)
     return _checked(cfg, SplitData(images, labels[torch.from_numpy(np.asarray(rows, dtype=np.int64))].clone()))
 
 
-def _download(fetch) -> str | None:
-    """Run torchvision's download; the reason it failed, or None.
+def _download(fetch, folders: list[Path]) -> str | None:
+    """Run torchvision's download into ``folders`` (where its files go); the reason it failed, or None.
 
     Every socket operation gives up after ``DOWNLOAD_TIMEOUT_S`` seconds, so a network that drops
-    packets fails in bounded time instead of hanging on the operating system's TCP timeouts.
+    packets fails in bounded time instead of hanging on the operating system's TCP timeouts. After
+    a failure, the folders the attempt made (torchvision makes them before it downloads) are
+    removed when empty, so a mistyped ``dataset.root`` leaves nothing behind.
     """
+    made = [p for folder in folders for p in (folder, *folder.parents) if not p.exists()]
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         fetch()
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... keep the cause visible
+        for path in sorted(set(made), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            try:
+                path.rmdir()  # only an empty folder: a partial download stays for the user to see
+            except OSError:
+                pass
         return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     finally:
         socket.setdefaulttimeout(previous)
@@ -224,6 +267,8 @@ def load_split(cfg, train: bool) -> SplitData:
     Raises:
         DatasetNotFoundError: files missing (the message names the path, the files and the fix).
         IdxFormatError: an IDX file disagrees with its header (a ValueError).
+        CifarFormatError: a CIFAR-10 batch file is not one (names other code, truncated...; a ValueError).
+        LabelRangeError: a label outside ``0..dataset.num_classes-1`` (a ValueError naming the file).
         ValueError: the files' image shape differs from ``dataset.channels``/``dataset.image_size``.
     """
     return _checked(cfg, SOURCES[cfg.name](cfg, train))
@@ -243,13 +288,20 @@ def check_available(cfg) -> None:
     """Make sure the dataset's files exist, downloading them first when ``dataset.download=true``.
 
     The launcher calls this once, before any process starts, so roles never download concurrently.
-    Reads no images (IDX headers are checked). Raises DatasetNotFoundError naming the folder, the
-    missing files and the fix, or IdxFormatError naming a file that disagrees with its header.
+    Reads no images: checks the IDX headers, unpickles each CIFAR-10 batch with flmem.cifar's
+    restricted unpickler (images left in the file), and checks every label against
+    ``dataset.num_classes``. Raises DatasetNotFoundError naming the folder, the missing files and
+    the fix, IdxFormatError or CifarFormatError naming a file that is not what it should be, or
+    LabelRangeError naming a file with a label outside ``0..dataset.num_classes-1``.
     """
     if cfg.name == "cifar":
-        _ensure_cifar(cfg)
+        folder = _ensure_cifar(cfg) / "cifar-10-batches-py"
+        for name in CIFAR_FILES[True] + CIFAR_FILES[False]:
+            checked_labels(cfg, open_batch(folder / name)["labels"], folder / name)
     elif cfg.name in ("mnist", "fashion_mnist"):
-        _ensure_idx(cfg)
+        headers = _ensure_idx(cfg)
+        for _, stem in IDX_FILES.values():
+            checked_labels(cfg, read_all(headers[stem]), headers[stem].path)
 
 
 # ------------------------------------------------------------------ partition
@@ -292,7 +344,7 @@ def client_dataset(cfg, rank: int, num_clients: int, release: bool) -> torch.uti
     Optimized (``release``): reads or makes only the client's own samples (``tokens``: copies them
     out of the whole split and drops it). Both paths give the same samples in the same order.
 
-    Raises DatasetNotFoundError (files missing), IdxFormatError or CifarFormatError (a file that
+    Raises DatasetNotFoundError (files missing), IdxFormatError, CifarFormatError or LabelRangeError (a file that
     is not what its dataset holds; both ValueError), ValueError (shape differs from the config).
     """
     if release and cfg.name == "cifar":
@@ -328,10 +380,12 @@ def test_dataset(cfg, release: bool = False) -> torch.utils.data.Dataset:
     """
     if release and cfg.name == "cifar":
         # Removes the rest of the test split and torchvision's second copy of it (its vstack).
-        entry = open_batch(_ensure_cifar(cfg) / "cifar-10-batches-py" / CIFAR_FILES[False][0])
-        n = len(entry["labels"]) if cfg.test_samples is None else min(len(entry["labels"]), int(cfg.test_samples))
+        path = _ensure_cifar(cfg) / "cifar-10-batches-py" / CIFAR_FILES[False][0]
+        entry = open_batch(path)
+        labels = torch.from_numpy(checked_labels(cfg, entry["labels"], path))
+        n = len(labels) if cfg.test_samples is None else min(len(labels), int(cfg.test_samples))
         images = torch.from_numpy(entry["data"].rows(np.arange(n))).view(-1, 3, 32, 32)
-        return SplitDataset(SplitData(images, torch.tensor(entry["labels"][:n], dtype=torch.int64)))
+        return SplitDataset(SplitData(images, labels[:n].clone()))
     if release and cfg.name in ("mnist", "fashion_mnist", "synthetic"):
         # Removes the rest of the test split: only the evaluated samples are read or made.
         n = int(cfg.test_size) if cfg.name == "synthetic" else _ensure_idx(cfg)[IDX_FILES[False][0]].count

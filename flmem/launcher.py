@@ -33,7 +33,7 @@ from flmem.profiling import finish_role
 from flmem.status import read_json, read_metrics, write_json
 
 #: problems with the data files, reported with ``failure.role == "data"``
-DATA_ERRORS = (data.DatasetNotFoundError, data.IdxFormatError, data.CifarFormatError)
+DATA_ERRORS = (data.DatasetNotFoundError, data.IdxFormatError, data.CifarFormatError, data.LabelRangeError)
 
 
 class JobError(RuntimeError):

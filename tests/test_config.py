@@ -151,3 +151,27 @@ def test_every_experiment_adds_only_keys_its_groups_define(experiment):
 
 def test_without_a_hydra_context_only_values_are_checked():
     assert reference_config(["+dataset.partiton=dirichlet"]) is None
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["seed=-5"], "seed=-5: a seed must be an integer in 0..4294967295"),
+    (["dataset.seed=-1"], "dataset.seed=-1: a seed must be an integer in 0..4294967295"),
+    (["seed=99999999999999999999"], "seed=99999999999999999999: a seed must be an integer in 0..4294967295"),
+    (["seed=4294967296"], "seed=4294967296: a seed must be an integer"),
+    (["seed=1.5"], "seed=1.5: a seed must be an integer"),
+])
+def test_a_seed_outside_32_bits_is_refused_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(*overrides))
+    message = str(err.value)
+    assert expected in message
+    assert message.count("a seed must be") == 1  # dataset.seed follows seed: reported once
+
+
+@pytest.mark.parametrize("value", [0, 2**32 - 1])
+def test_the_seed_range_ends_are_accepted_by_numpy_and_torch(value):
+    import numpy as np
+
+    validate(compose_cfg(f"seed={value}", "dataset=mnist"))
+    np.random.default_rng(value), np.random.RandomState(value), torch.manual_seed(value)
+    torch.Generator().manual_seed(value * 1_000_003 + 1009 * 64 + 10_000)  # the trainer's per-round mix

@@ -259,3 +259,130 @@ def test_cifar_test_split_is_the_same_read_directly(tmp_path):
     direct, reference = data.test_dataset(cfg, release=True), data.test_dataset(cfg, release=False)
     assert len(direct) == len(reference) == 20
     assert all(torch.equal(direct[i][0], reference[i][0]) and direct[i][1] == reference[i][1] for i in range(20))
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls os.system: what a hostile batch file can hide."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("read", ["check_available", "client_original", "client_optimized", "test_original",
+                                  "test_optimized"])
+def test_a_cifar_batch_that_runs_code_is_refused_on_both_paths(tmp_path, read):
+    import pickle
+
+    folder = write_cifar(tmp_path, per_batch=5, test=5)
+    marker = tmp_path / "code-ran"
+    name = "test_batch" if read.startswith("test") else "data_batch_1"
+    payload = {"labels": [1], "data": _RunsAShellCommand(f"touch {marker}")}
+    (folder / name).write_bytes(pickle.dumps(payload, protocol=2))
+    cfg = ds_cfg("cifar", tmp_path)
+    with pytest.raises(data.CifarFormatError) as err:
+        {"check_available": lambda: data.check_available(cfg),
+         "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
+         "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
+         "test_original": lambda: data.test_dataset(cfg, release=False),
+         "test_optimized": lambda: data.test_dataset(cfg, release=True)}[read]()
+    message = str(err.value)
+    assert str(folder / name) in message and "system, which a CIFAR-10 batch file does not" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("garbage", "not a CIFAR-10 batch file"),
+    ("truncated", "truncated"),
+    ("foreign", "expected a dict with data and labels"),
+    ("empty", "not a CIFAR-10 batch file"),
+])
+@pytest.mark.parametrize("python2", [True, False])
+def test_a_damaged_cifar_batch_is_named_on_the_original_path(tmp_path, damage, expected, python2):
+    import pickle
+
+    folder = write_cifar(tmp_path, per_batch=60, test=30, python2=python2)
+    path = folder / "data_batch_3"
+    path.write_bytes({"garbage": b"\x89PNG\r\n\x1a\n" + bytes(500), "truncated": path.read_bytes()[:100_000],
+                      "foreign": pickle.dumps({"images": [1, 2]}, protocol=2), "empty": b""}[damage])
+    with pytest.raises(data.CifarFormatError, match=expected) as err:
+        data.client_dataset(ds_cfg("cifar", tmp_path), rank=0, num_clients=2, release=False)
+    assert str(path) in str(err.value)
+
+
+def test_the_original_cifar_path_still_holds_the_whole_split_and_its_stacked_copy(tmp_path):
+    import memray
+
+    write_cifar(tmp_path, per_batch=2000, test=10)  # 6 MB per batch file, 30.7 MB of training images
+    with memray.Tracker(tmp_path / "load.bin", file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS):
+        split = data.load_split(ds_cfg("cifar", tmp_path), True)
+    peak = memray.FileReader(str(tmp_path / "load.bin")).metadata.peak_memory
+    assert split.images.shape == (10000, 3, 32, 32)
+    assert peak > 1.9 * split.images.numel(), peak  # the batches and their vstack, as torchvision holds them
+
+
+def rewrite_idx_labels(folder, stem, labels, gz):
+    import gzip
+
+    blob = idx_blob((len(labels),), bytes(labels))
+    path = folder / (stem + (".gz" if gz else ""))
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("read", ["check_available", "client_original", "client_optimized", "test_original",
+                                  "test_optimized"])
+def test_an_idx_label_outside_the_classes_is_named(tmp_path, gz, read):
+    folder = write_idx(tmp_path / "MNIST" / "raw", train=40, test=10, gz=gz)
+    train = not read.startswith("test")
+    labels = [3] * (40 if train else 10)
+    labels[7] = 200
+    path = rewrite_idx_labels(folder, data.IDX_FILES[train][1], labels, gz)
+    cfg = ds_cfg("mnist", tmp_path)
+    with pytest.raises(data.LabelRangeError) as err:
+        {"check_available": lambda: data.check_available(cfg),
+         "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
+         "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
+         "test_original": lambda: data.test_dataset(cfg, release=False),
+         "test_optimized": lambda: data.test_dataset(cfg, release=True)}[read]()
+    message = str(err.value)
+    assert str(path) in message and "label 200 (sample 7" in message
+    assert "must be in 0..9 (dataset.num_classes=10)" in message
+
+
+@pytest.mark.parametrize("read", ["check_available", "client_original", "client_optimized", "test_original",
+                                  "test_optimized"])
+@pytest.mark.parametrize("bad", [10, -1])
+def test_a_cifar_label_outside_the_classes_is_named(tmp_path, read, bad):
+    import pickle
+
+    folder = write_cifar(tmp_path, per_batch=5, test=5)
+    name = "test_batch" if read.startswith("test") else "data_batch_4"
+    labels = [0, 1, bad, 3, 4]
+    (folder / name).write_bytes(pickle.dumps({"labels": labels, "data": np.zeros((5, 3072), np.uint8)}, protocol=2))
+    cfg = ds_cfg("cifar", tmp_path)
+    with pytest.raises(data.LabelRangeError) as err:
+        {"check_available": lambda: data.check_available(cfg),
+         "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
+         "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
+         "test_original": lambda: data.test_dataset(cfg, release=False),
+         "test_optimized": lambda: data.test_dataset(cfg, release=True)}[read]()
+    message = str(err.value)
+    assert str(folder / name) in message and f"label {bad} (sample 2" in message and "0..9" in message
+
+
+@pytest.mark.parametrize("name", ["cifar", "mnist"])
+def test_a_failed_download_leaves_no_folders_at_a_mistyped_root(tmp_path, monkeypatch, free_port, name):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):  # no network: a closed local port
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "kept").mkdir()  # a folder that existed before stays, even empty
+    root = tmp_path / "kept" / "mistyped" / "xyz"
+    with pytest.raises(data.DatasetNotFoundError, match="failed"):
+        data.check_available(ds_cfg(name, root, download=True))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
