@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 class BenchError(Exception):
     """The report cannot be written as asked (no runs to build a section from); the message says why."""
 
-DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead:3", "large_model", "profiling_overhead:3", "round_time"]
+DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead:3", "large_model", "profiling_overhead:3", "round_time",
+                       "repeat_spread:3"]
 MiB = 2**20
 
 
