@@ -9,6 +9,7 @@ names the key, the value and the rule, and all errors are reported at once.
 from __future__ import annotations
 
 import difflib
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -153,6 +154,24 @@ def unknown_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:
     return problems
 
 
+def _not_derived(problems: list[str], cfg: DictConfig) -> list[str]:
+    """``problems`` without those about a key whose value is an interpolation (``${optimize}``) of a
+    key already reported: the user set that one, and one error for it says all."""
+    raw = _keys(OmegaConf.to_container(cfg, resolve=False))
+    reported: set[str] = set()
+    kept = []
+    for message in problems:
+        key = message.split("=", 1)[0]
+        value = raw.get(key)
+        refs = set(re.findall(r"\$\{([^}:]+)\}", value)) if isinstance(value, str) else set()
+        if refs and refs <= reported:
+            reported.add(key)
+            continue
+        reported.add(key)
+        kept.append(message)
+    return kept
+
+
 def validate(cfg: DictConfig, reference: DictConfig | None = None) -> None:
     """Check every rule on a composed config and, given ``reference`` (see :func:`reference_config`),
     that it holds no key the config groups do not define.
@@ -163,6 +182,6 @@ def validate(cfg: DictConfig, reference: DictConfig | None = None) -> None:
     problems = unknown_keys(cfg, reference) if reference is not None else []
     if problems:  # the value rules below may trip over what an unknown key displaced
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    problems = [message for ok, message in _rules(cfg) if not ok]
+    problems = _not_derived([message for ok, message in _rules(cfg) if not ok], cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -151,3 +151,14 @@ def test_every_experiment_adds_only_keys_its_groups_define(experiment):
 
 def test_without_a_hydra_context_only_values_are_checked():
     assert reference_config(["+dataset.partiton=dirichlet"]) is None
+
+
+def test_a_bad_value_is_reported_once_not_again_for_the_keys_that_interpolate_it():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("optimize=maybe"))
+    lines = str(err.value).splitlines()[1:]
+    assert lines == ["  optimize=maybe: must be true or false"]
+    with pytest.raises(ConfigError) as err:  # a derived key the user set himself is still reported
+        validate(compose_cfg("optimize=maybe", "optimization.serde=2"))
+    assert [ln.strip() for ln in str(err.value).splitlines()[1:]] == [
+        "optimize=maybe: must be true or false", "optimization.serde=2: must be true or false"]
