@@ -73,6 +73,7 @@ def settle_job(job_dir: Path, how: str) -> str | None:
     the failure reason written, None when the job already had a result."""
     job_dir = Path(job_dir)
     if (job_dir / "result.json").exists():
+        _log_once(job_dir)
         return None
     started = job_dir.stat().st_mtime
     stopped = stop_roles(job_dir)
@@ -99,6 +100,17 @@ def settle_job(job_dir: Path, how: str) -> str | None:
     write_json(job_dir / "result.json", result)
     _log_line(job_dir, result)
     return reason
+
+
+def _log_once(job_dir: Path) -> None:
+    """Log the job's result to its ``launch.log`` when the job's process ended before it could."""
+    try:
+        logged = "][flmem.job][INFO] - result: " in (job_dir / "launch.log").read_text()
+    except OSError:
+        logged = False
+    result = read_json(job_dir / "result.json")
+    if not logged and isinstance(result, dict) and isinstance(result.get("failure"), dict):
+        _log_line(job_dir, result)
 
 
 def _log_line(job_dir: Path, result: dict) -> None:
