@@ -21,6 +21,15 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _sigterm)  # SIGTERM (kill, timeout, a scheduler) ends a launch like Ctrl-C
     try:
         main()
+    except SystemExit as exc:  # Hydra refused the command line: a misspelled key gets a hint
+        if exc.code not in (0, None):
+            from pathlib import Path
+
+            from flmem.config import misspelled_keys
+
+            for hint in misspelled_keys(sys.argv[1:], str(Path(__file__).resolve().parent / "conf")):
+                print(hint, file=sys.stderr)
+        raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: record what ran (flmem.interrupt), say what was recorded
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the recording short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

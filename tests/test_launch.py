@@ -104,6 +104,16 @@ def test_unknown_key_added_with_plus_is_refused_before_any_process_starts(tmp_pa
     assert result(job)["failure"]["role"] == "config" and not (job / "roles").exists()
 
 
+def test_a_misspelled_key_without_plus_gets_a_did_you_mean_not_only_hydras_plus_hint(tmp_path):
+    proc = launch(["dataset=mnist", "dataset.partiton=dirichlet", "rounds=2"], tmp_path)
+    assert proc.returncode == 1
+    err = " ".join(proc.stderr.split())
+    assert "Could not override 'dataset.partiton'" in err  # Hydra's own error stays
+    assert ("dataset.partiton is not a key of flmem's config: did you mean dataset.partition? "
+            "dataset.partition=dirichlet") in err
+    assert "rounds" not in err.split("Could not override")[1] and not (tmp_path / "outputs").exists()
+
+
 def test_server_address_for_a_specific_bind_is_that_address():
     assert server_addresses("10.1.2.3", 50051) == (["10.1.2.3:50051"], "")
     assert server_addresses("fd00::5", 7)[0] == ["[fd00::5]:7"]
