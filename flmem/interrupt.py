@@ -138,9 +138,10 @@ def record(how: str = "SIGINT") -> str:
         logged = {p.parent for p in sweep.rglob("launch.log") if "roles" not in p.relative_to(sweep).parts}
         jobs = sorted(set(job_results(sweep)) | (logged - {sweep}))  # launch.log comes before .hydra/
         written = sum(1 for j in jobs if settle_job(j, how))
+        settled = (f" ({written} written now, for jobs whose process ended before it could record it; their roles "
+                   "still alive were stopped)") if written else ""
         line = (f"interrupted ({how}): {len(jobs)} job(s) under {sweep} each have a result.json that says how they "
-                f"ended ({written} written now for jobs interrupted before they could record it; their roles "
-                "were stopped)" if jobs else f"interrupted ({how}) before any job of the sweep started under {sweep}")
+                f"ended{settled}" if jobs else f"interrupted ({how}) before any job of the sweep started under {sweep}")
         if WATCHED["summary"] is not None and jobs:
             try:
                 key, noise = WATCHED["summary"]
