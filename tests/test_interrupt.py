@@ -26,11 +26,14 @@ def test_a_job_folder_without_result_gets_one_and_its_live_roles_are_stopped(tmp
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("- optimize=true\n- rounds=3\n")
     (job / "launch.log").write_text("")
-    role = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "flmem.worker"],
-                            start_new_session=True)  # a process that looks like a role: its argv names flmem.worker
+    status = job / "roles" / "server" / "status.json"
+    status.parent.mkdir(parents=True)
+    # a process that looks like a role: its argv names flmem.worker, and it writes its pid as a role does
+    code = "import json, os, sys, time; open(sys.argv[1], 'w').write(json.dumps({'pid': os.getpid()})); time.sleep(120)"
+    role = subprocess.Popen([sys.executable, "-c", code, str(status), "flmem.worker"], start_new_session=True)
     try:
-        (job / "roles" / "server").mkdir(parents=True)
-        (job / "roles" / "server" / "status.json").write_text(json.dumps({"pid": role.pid}))
+        while role.poll() is None and not (status.exists() and status.read_text()):
+            time.sleep(0.05)
         reason = interrupt.settle_job(job, "SIGINT")
         assert role.wait(timeout=30) == -signal.SIGTERM
     finally:
