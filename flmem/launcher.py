@@ -142,9 +142,9 @@ class Role:
         code = self.returncode
         if code == 128 + signal.SIGTERM:
             markers = read_json(self.dir / "markers.json", {})
-            stopped = isinstance(markers, dict) and str(markers.get("error") or "").startswith("stopped by the launcher")
-            if self.sent_sigterm or stopped:
-                return -signal.SIGTERM
+            said = str(markers.get("error") or "") if isinstance(markers, dict) else ""
+            if self.sent_sigterm or said.startswith("stopped by the launcher"):
+                return -int(signal.SIGTERM)
         return code
 
     def alive(self) -> bool:
