@@ -1,4 +1,5 @@
 """flmem's Hydra entry point: `python launch.py [overrides]`, `python launch.py -m key=a,b ...`, `--help`."""
+import signal
 import sys
 
 import hydra
@@ -12,11 +13,36 @@ def main(cfg: DictConfig):
     return run_from_hydra(cfg)
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm)  # SIGTERM (kill, timeout, a scheduler) ends a launch like Ctrl-C
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job stopped its roles and wrote a result.json saying when
-        print("interrupted: the running job's roles were stopped and its result.json says so", file=sys.stderr)
+    except SystemExit as exc:  # Hydra refused the command line: a misspelled key gets a hint
+        if exc.code not in (0, None):
+            from pathlib import Path
+
+            from flmem.config import misspelled_keys
+
+            for hint in misspelled_keys(sys.argv[1:], str(Path(__file__).resolve().parent / "conf")):
+                print(hint, file=sys.stderr)
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: record what ran (flmem.interrupt), say what was recorded
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the recording short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        from flmem.interrupt import record
+
+        how = "SIGINT"
+        if exc.args and str(exc.args[0]).startswith("SIG"):
+            how = str(exc.args[0])
+        try:
+            message = record(how)
+        except Exception as err:  # noqa: BLE001 - never hide the interrupt
+            message = f"interrupted ({how}); recording it failed: {type(err).__name__}: {err}"
+        print(message, file=sys.stderr)
         sys.exit(130)
     from flmem.app import exit_status
 

@@ -53,18 +53,34 @@ def host_addresses(ipv6: bool = False) -> list[str]:
     return out
 
 
+def resolves_outward(name: str) -> bool:
+    """True when ``name`` resolves (here) to at least one address other hosts could reach: not
+    loopback, link-local or unspecified. False when it does not resolve at all."""
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    return any(_usable(info[4][0]) for info in infos)
+
+
 def server_addresses(host: str, port: int) -> tuple[list[str], str]:
     """The ``server.address`` values to print for a server bound to ``host``:``port`` and a note.
 
-    Bound to a wildcard: the host's fully qualified name, then its non-loopback addresses (the
-    note says 127.0.0.1 reaches this host only). Bound to one address: that address alone.
+    Bound to a wildcard: the host's names that resolve to a non-loopback address, then its
+    non-loopback addresses, then names that resolve to loopback only (they reach this host alone;
+    the note says 127.0.0.1 does too). Bound to one address: that address alone.
     """
     if host not in WILDCARDS:
         note = " (this host only: bind server.host=0.0.0.0 to accept other hosts)" \
             if host in ("127.0.0.1", "localhost", "::1", "[::1]") else ""
         return [join(host, port)], note
     names = [n for n in dict.fromkeys([socket.getfqdn(), socket.gethostname()]) if n and n != "localhost"]
-    candidates = [join(h, port) for h in names + host_addresses(ipv6=host != "0.0.0.0")]
+    # A name that resolves to loopback only (``/etc/hosts`` often maps the host name to 127.0.x.x)
+    # works on this host alone: it goes last, after the addresses other hosts can reach.
+    reachable = [n for n in names if resolves_outward(n)]
+    local_only = [n for n in names if n not in reachable]
+    hosts = reachable + host_addresses(ipv6=host != "0.0.0.0") + local_only
+    candidates = [join(h, port) for h in dict.fromkeys(hosts)]
     note = (f" (listening on all interfaces; from this host {join('127.0.0.1', port)} also works, but only "
             "here; a name works where the other hosts resolve it)")
     return candidates or [join("127.0.0.1", port)], note

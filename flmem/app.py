@@ -8,7 +8,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from flmem.launcher import run_job
-from flmem.report import RoleProgress, print_result
+from flmem.report import RoleProgress, log_result, print_result
+from flmem.status import read_json
 
 #: results of the failed jobs this process ran itself (every job of a single run; in a sweep, only
 #: the basic launcher runs jobs here, so a sweep's status comes from flmem.callbacks.SWEEPS instead).
@@ -19,8 +20,14 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     """Run the job Hydra composed, print its table; returns the final test accuracy (for sweepers)."""
     hydra_cfg = HydraConfig.get()
     dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
-    result = run_job(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), RoleProgress(),
-                     dir_key=dir_key)
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        result = run_job(cfg, job_dir, list(hydra_cfg.overrides.task), RoleProgress(), dir_key=dir_key)
+    except KeyboardInterrupt:  # run_job wrote result.json saying when: launch.log gets it too
+        interrupted = read_json(job_dir / "result.json")
+        if interrupted:
+            log_result(interrupted)
+        raise
     print_result(result)
     if result["status"] != "completed":
         FAILED_JOBS.append(result)

@@ -25,6 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flmem.interrupt import WATCHED, expect_run, expect_sweep
 from flmem.status import read_json, write_json
 
 #: one entry per sweep this process ran: {"sweep", "jobs", "failed", "planned"}; ``launch.py`` exits 1
@@ -85,6 +86,7 @@ class SweepProgress(Callback):
       sweep's elapsed wall time over the jobs done (those with a ``result.json``), which counts
       imports and summarizing and, with a parallel launcher, the jobs run at once. An estimate: jobs
       that differ in size (``num_clients=2,16``) make it wrong by as much.
+    * ``on_run_start`` / ``on_multirun_start``: tell :mod:`flmem.interrupt` which folder to settle on Ctrl-C.
     * ``on_multirun_end``: record the sweep's outcome in :data:`SWEEPS` from its jobs' ``result.json``
       (a job without one, or a planned job that never ran, counts as failed).
     """
@@ -103,6 +105,10 @@ class SweepProgress(Callback):
                              "sweep) or pick a new or empty one")
         self.started = time.time()
         self.planned = planned_jobs(config)
+        expect_sweep(sweep_dir.absolute())
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        expect_run(Path(str(config.hydra.run.dir)).absolute())  # where an interrupt is recorded
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -141,7 +147,8 @@ class SweepProgress(Callback):
 class SweepSummary(Callback):
     """On ``on_multirun_end``: print the comparison table (or the jobs table when no override
     can be compared) and write ``summary.json`` and ``summary.md`` at the sweep root, failed jobs
-    included. It reads the jobs from disk like ``flmem browse`` and never fails the sweep.
+    included. It reads the jobs from disk like ``flmem browse`` and never fails the sweep. An
+interrupted sweep gets its summary too, written by :func:`flmem.interrupt.record`.
 
     ``compare``: the override to compare (default: ``optimize`` when it varies, else the first
     varying override). ``noise_pct``: the relative noise floor for memory, in percent.
@@ -156,6 +163,8 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # SweepProgress refuses a used sweep dir; without it, at least never summarize old jobs as new
         self.earlier = earlier_files(Path(str(config.hydra.sweep.dir)))
+        if not self.earlier:  # an interrupted sweep is summarized too (flmem.interrupt.record)
+            WATCHED["summary"] = (self.compare, self.noise_pct / 100)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:

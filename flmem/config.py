@@ -9,6 +9,7 @@ names the key, the value and the rule, and all errors are reported at once.
 from __future__ import annotations
 
 import difflib
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -163,6 +164,24 @@ def unknown_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:
     return problems
 
 
+def _not_derived(problems: list[str], cfg: DictConfig) -> list[str]:
+    """``problems`` without those about a key whose value is an interpolation (``${optimize}``) of a
+    key already reported: the user set that one, and one error for it says all."""
+    raw = _keys(OmegaConf.to_container(cfg, resolve=False))
+    reported: set[str] = set()
+    kept = []
+    for message in problems:
+        key = message.split("=", 1)[0]
+        value = raw.get(key)
+        refs = set(re.findall(r"\$\{([^}:]+)\}", value)) if isinstance(value, str) else set()
+        if refs and refs <= reported:
+            reported.add(key)
+            continue
+        reported.add(key)
+        kept.append(message)
+    return kept
+
+
 def validate(cfg: DictConfig, reference: DictConfig | None = None) -> None:
     """Check every rule on a composed config and, given ``reference`` (see :func:`reference_config`),
     that it holds no key the config groups do not define.
@@ -173,6 +192,41 @@ def validate(cfg: DictConfig, reference: DictConfig | None = None) -> None:
     problems = unknown_keys(cfg, reference) if reference is not None else []
     if problems:  # the value rules below may trip over what an unknown key displaced
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    problems = [message for ok, message in _rules(cfg) if not ok]
+    problems = _not_derived([message for ok, message in _rules(cfg) if not ok], cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def misspelled_keys(args: list[str], config_dir: str, config_name: str = "config") -> list[str]:
+    """One hint per plain ``KEY=VALUE`` among the command-line ``args`` whose key the config lacks:
+    ``did you mean dataset.partition? ...`` (difflib), so a typo is not "fixed" with the ``+KEY`` Hydra
+    suggests, which :func:`validate` would refuse. Composes the config from the group selections
+    among ``args`` (``config_dir``: the primary config's folder); [] when they do not compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # Hydra has reported the syntax error itself
+        return []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            groups = [o for o in overrides if loader.get_group_options(o.get_key_element().lstrip("+~").split("@")[0])]
+            reference = compose(config_name=config_name, overrides=[o.input_line for o in groups])
+    except Exception:
+        return []
+    known = list(_keys(OmegaConf.to_container(reference, resolve=False)))
+    hints = []
+    for o in overrides:
+        key = o.get_key_element()
+        if o.type != OverrideType.CHANGE or o in groups or key.startswith("hydra.") or key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{key} is not a key of flmem's config: did you mean {close[0]}? "
+                         f"{close[0]}={o.input_line.split('=', 1)[1]} (a key added with '+' would be refused)")
+    return hints

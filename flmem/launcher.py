@@ -74,6 +74,7 @@ class Role:
     proc: subprocess.Popen | None = None
     logs: list = field(default_factory=list)
     final_max_rss_bytes: int | None = None  # the child's ru_maxrss from wait4, once reaped
+    sent_sigterm: bool = False  # the launcher stopped it (Job.stop)
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,18 @@ class Role:
         except OSError:
             lines = []
         return lines[-1] if lines else f"exited with code {code}"
+
+    def exit_code(self) -> int | None:
+        """The exit status as the launcher reports it everywhere (``result.json`` ``exit_codes`` and each
+        role's ``exit_code``): 0 or the code the role exited with; ``-N`` when signal N ended it, whether
+        the signal killed it or the worker exited itself on it (``128 + N``, see ``flmem.worker``)."""
+        code = self.returncode
+        if code == 128 + signal.SIGTERM:
+            markers = read_json(self.dir / "markers.json", {})
+            said = str(markers.get("error") or "") if isinstance(markers, dict) else ""
+            if self.sent_sigterm or said.startswith("stopped by the launcher"):
+                return -int(signal.SIGTERM)
+        return code
 
     def alive(self) -> bool:
         return self.proc is not None and self.reap() is None
@@ -256,6 +269,7 @@ class Job:
                 # Not Popen.send_signal: it polls first, and a poll that reaps loses the child's ru_maxrss.
                 # Only Role.reap reaps, so the pid cannot have been reused.
                 os.kill(role.proc.pid, signal.SIGTERM)
+                role.sent_sigterm = True
             deadline = time.time() + float(self.cfg.timeouts.stop_grace_s)
             for role in live:
                 if role.wait(max(0.0, deadline - time.time())) is None:
@@ -266,6 +280,10 @@ class Job:
 
     # ------------------------------------------------------------------ result
     def _result(self, started: float, summaries: dict, failure: dict | None, summarized: bool) -> dict:
+        exit_codes = {r.name: r.exit_code() for r in self.roles}
+        for name, summary in summaries.items():
+            if isinstance(summary, dict) and name in exit_codes:
+                summary["exit_code"] = exit_codes[name]
         return {
             "status": "failed" if failure else "completed",
             "failure": failure,
@@ -274,7 +292,7 @@ class Job:
             "overrides": self.overrides,
             "job_dir": str(self.dir),
             "started": started, "duration_s": time.time() - started,
-            "exit_codes": {r.name: r.returncode for r in self.roles},
+            "exit_codes": exit_codes,
             "model_bytes": next((s["model_bytes"] for s in summaries.values() if s.get("model_bytes")), None),
             "rounds": read_metrics(self.dir / "roles" / "server"),
             "client_rounds": {r.name: read_metrics(r.dir) for r in self.roles if r.name != "server"},
@@ -302,8 +320,13 @@ class Job:
 
         def one(role: Role) -> dict:
             markers = read_json(role.dir / "markers.json", {})
-            return finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
-                               top=int(prof.top_sites), flamegraph=bool(prof.flamegraph))
+            summary = finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
+                                  top=int(prof.top_sites), flamegraph=bool(prof.flamegraph))
+            if summary.get("exit_code") != role.exit_code():  # one convention in every file (Role.exit_code)
+                summary["exit_code"] = role.exit_code()
+                if (role.dir / "summary.json").exists():
+                    write_json(role.dir / "summary.json", summary)
+            return summary
 
         stopped = self.failure or {"role": "launcher", "reason": "the launcher stopped while summarizing the roles' "
                                    "captures (the roles had completed; their captures are kept under roles/)"}

@@ -175,3 +175,14 @@ def test_the_seed_range_ends_are_accepted_by_numpy_and_torch(value):
     validate(compose_cfg(f"seed={value}", "dataset=mnist"))
     np.random.default_rng(value), np.random.RandomState(value), torch.manual_seed(value)
     torch.Generator().manual_seed(value * 1_000_003 + 1009 * 64 + 10_000)  # the trainer's per-round mix
+
+
+def test_a_bad_value_is_reported_once_not_again_for_the_keys_that_interpolate_it():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("optimize=maybe"))
+    lines = str(err.value).splitlines()[1:]
+    assert lines == ["  optimize=maybe: must be true or false"]
+    with pytest.raises(ConfigError) as err:  # a derived key the user set himself is still reported
+        validate(compose_cfg("optimize=maybe", "optimization.serde=2"))
+    assert [ln.strip() for ln in str(err.value).splitlines()[1:]] == [
+        "optimize=maybe: must be true or false", "optimization.serde=2: must be true or false"]

@@ -197,3 +197,7 @@ def test_sigterm_then_ctrl_c_on_the_launcher_stops_every_role(tmp_path):
     assert res["status"] == "failed" and res["failure"]["role"] == "launcher"
     assert res["failure"]["reason"].startswith("interrupted (SIGTERM)")
     assert all(s["capture_error"] is None for s in res["roles"].values())  # every capture closed cleanly
+    # one exit code per role, the same in exit_codes and the role's summary: -15 for a role stopped by SIGTERM
+    assert {n: s["exit_code"] for n, s in res["roles"].items()} == res["exit_codes"]
+    assert res["exit_codes"]["server"] in (-signal.SIGTERM, -signal.SIGKILL)
+    assert 128 + signal.SIGTERM not in res["exit_codes"].values()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flmem.address import server_addresses
+from flmem.address import resolves_outward, server_addresses
 from flmem.browse.discover import load_job
 from tests.conftest import REPO, TINY, job_dirs, launch, result
 
@@ -104,11 +104,32 @@ def test_unknown_key_added_with_plus_is_refused_before_any_process_starts(tmp_pa
     assert result(job)["failure"]["role"] == "config" and not (job / "roles").exists()
 
 
+def test_a_misspelled_key_without_plus_gets_a_did_you_mean_not_only_hydras_plus_hint(tmp_path):
+    proc = launch(["dataset=mnist", "dataset.partiton=dirichlet", "rounds=2"], tmp_path)
+    assert proc.returncode == 1
+    err = " ".join(proc.stderr.split())
+    assert "Could not override 'dataset.partiton'" in err  # Hydra's own error stays
+    assert ("dataset.partiton is not a key of flmem's config: did you mean dataset.partition? "
+            "dataset.partition=dirichlet") in err
+    assert "rounds" not in err.split("Could not override")[1] and not (tmp_path / "outputs").exists()
+
+
 def test_server_address_for_a_specific_bind_is_that_address():
     assert server_addresses("10.1.2.3", 50051) == (["10.1.2.3:50051"], "")
     assert server_addresses("fd00::5", 7)[0] == ["[fd00::5]:7"]
     addresses, note = server_addresses("127.0.0.1", 7)
     assert addresses == ["127.0.0.1:7"] and "this host only" in note
+
+
+def test_a_name_that_resolves_to_loopback_only_is_never_suggested_first():
+    assert not resolves_outward("localhost") and not resolves_outward("no-such-host.invalid")
+    assert resolves_outward("192.0.2.7") and not resolves_outward("127.0.0.1")
+    addresses, _ = server_addresses("0.0.0.0", 7)
+    first = addresses[0].rsplit(":", 1)[0]
+    others_exist = any(resolves_outward(a.rsplit(":", 1)[0]) for a in addresses)
+    assert resolves_outward(first) or not others_exist
+    loopback_only = [a for a in addresses if not resolves_outward(a.rsplit(":", 1)[0])]
+    assert addresses[len(addresses) - len(loopback_only):] == loopback_only  # they come last
 
 
 @pytest.mark.slow
@@ -132,7 +153,9 @@ def test_server_on_all_interfaces_prints_addresses_other_hosts_can_use(tmp_path,
            f"127.0.0.1:{free_port} also works, but only here" in out, out + rest
     printed = out.split("server.address=")[1].split()[0]
     assert printed.endswith(f":{free_port}") and not printed.startswith("127.")
-    assert printed.rsplit(":", 1)[0] in (socket.getfqdn(), socket.gethostname())
+    host = printed.rsplit(":", 1)[0]
+    assert host in (socket.getfqdn(), socket.gethostname()) or host[0].isdigit()
+    assert resolves_outward(host.strip("[]"))  # never a name that reaches this host only
     others = out.split("other addresses of this host: ")[1].split("\n")[0].split(", ") if "other addr" in out else []
     assert all(not a.startswith("127.") and a.endswith(f":{free_port}") for a in others)
     assert proc.returncode == 130
