@@ -580,3 +580,65 @@ def test_phase_bands_and_per_phase_tables_in_the_report(sweep, tmp_path):
     assert text.count('data-section="phases"') == 3  # the comparison's and each job's
     svg = (root / "report" / "memory_over_time_0.svg").read_text()
     assert ">train<" in svg and "bottom: optimize=False" in svg
+
+
+# ------------------------------------------------------------------ valid JSON, wrong shape
+def _set(path: Path, key: str, value) -> None:
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _pair_sweep(sweep: Path, root: Path) -> Path:
+    """optimize=false (job 0) and optimize=true (job 1), copies of the fixture's completed jobs."""
+    return make_sweep(root, [(completed_job(sweep, "false"), {}), (completed_job(sweep, "true"), {})],
+                      ["optimize=true,false"])
+
+
+WRONG_SHAPES = {  # damage to job 0 -> what its problem note must name
+    "summary_list": (lambda j: (j / "roles/server/summary.json").write_text("[1,2]"),
+                     "server: summary.json is not a JSON object but list"),
+    "summary_str_peak": (lambda j: _set(j / "roles/server/summary.json", "peak_heap_bytes", "lots"),
+                         "summary.json: peak_heap_bytes = 'lots' is not a number"),
+    "top_sites_str_bytes": (lambda j: _set(j / "roles/server/summary.json", "top_sites",
+                                           [{"function": "f", "file": "x.py", "line": 1, "bytes": "y"}]),
+                            "summary.json: top_sites[0].bytes = 'y' is not a number"),
+    "result_list": (lambda j: (j / "result.json").write_text("[1]"), "result.json is not a JSON object but list"),
+    "result_roles_list": (lambda j: _set(j / "result.json", "roles", [1]), "result.json: roles = [1] is not an object"),
+    "result_rounds_junk": (lambda j: _set(j / "result.json", "rounds", [1, "a", {"test_accuracy": "hi"}]),
+                           "result.json: rounds: 2 entries not an object"),
+}
+
+
+@slow
+@pytest.mark.parametrize("case", sorted(WRONG_SHAPES))
+def test_wrong_shape_files_are_named_not_crashed_on(capsys, sweep, tmp_path, case):
+    damage, problem = WRONG_SHAPES[case]
+    root = _pair_sweep(sweep, tmp_path / "sw")
+    damage(root / "0")
+    for args in ([root], [root / "0"], [root, "--compare", "optimize"], [root, "--html"], [root / "0", "--html"]):
+        code, out, err = browse(capsys, *args, "--format", "json") if "--html" not in args else \
+            browse(capsys, *args)
+        assert code == 0 and "Traceback" not in err, (args, err)
+    job = load_job(root / "0")
+    assert any(problem in p for p in job.problems), job.problems
+    # views never see a wrong type: every number read from the summaries is a number or None
+    for role in job.roles.values():
+        assert role.get("peak_heap_bytes") is None or isinstance(role.get("peak_heap_bytes"), int)
+        assert all(isinstance(s.get("bytes"), (int, type(None))) for s in role.get("top_sites") or [])
+    assert all(isinstance(r, dict) for r in job.rounds)
+    assert job.final_accuracy is None or isinstance(job.final_accuracy, float)
+    # the problem is named in the sweep view, the job view and their json
+    data = browse_json(capsys, root)
+    assert any(problem in (j["notes"] or "") for j in data["jobs"] if j["job"] == "0"), data["jobs"]
+    data = browse_json(capsys, root / "0")
+    assert any(problem in p for p in data["problems"]), data["problems"]
+    os.environ["COLUMNS"] = "250"
+    try:
+        code, out, _ = browse(capsys, root / "0")
+    finally:
+        del os.environ["COLUMNS"]
+    assert code == 0 and problem in " ".join(out.split())
+    # --compare names the damaged job's problem too
+    code, out, _ = browse(capsys, root, "--compare", "optimize", "--format", "json")
+    assert code == 0 and problem in out

@@ -177,8 +177,10 @@ def _row(group: str, role: str, metric: str, kind: str, a: list[Job], b: list[Jo
     across repeats, ``extra_noise``, and ``floor`` times the larger value, or ``floor`` itself for accuracy)."""
     ka, kb = ({j.overrides.get(REPEAT_KEY): v for j in side if (v := get(j)) is not None} for side in (a, b))
     va, vb = [v for j in a if (v := get(j)) is not None], [v for j in b if (v := get(j)) is not None]
-    paired = set(ka) & set(kb)
-    if ka and kb and set(ka) != set(kb) and (None not in ka or len(ka) > 1):
+    n_paired = len(set(ka) & set(kb))
+    if len(a) == len(b) == 1:  # a plain pair (no repeats, or comparing repeat itself): nothing to pair up
+        n_paired = int(bool(ka and kb))
+    elif ka and kb and set(ka) != set(kb):
         unpaired = (f"before from repeat {', '.join(sorted(map(str, ka)))}, after from repeat "
                     f"{', '.join(sorted(map(str, kb)))}: medians of different repeats")
         fields["note"] = "; ".join(t for t in (fields.get("note"), unpaired) if t)
@@ -189,7 +191,7 @@ def _row(group: str, role: str, metric: str, kind: str, a: list[Job], b: list[Jo
         noise = max(_spread(va), _spread(vb), extra_noise, scaled)
     return CompareRow(group, role, metric, kind, before, after, noise, before_range=(min(va), max(va)) if va else None,
                       after_range=(min(vb), max(vb)) if vb else None, n_before=len(va), n_after=len(vb),
-                      n_paired=len(paired), **fields)
+                      n_paired=n_paired, **fields)
 
 
 def _pair_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list[CompareRow]:

@@ -162,6 +162,7 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
         notes.append(f"before and after are medians over the jobs that differ only in {rk} (shown as median "
                      f"(min-max, n=repeats)); the spread across repeats counts as measured noise")
     notes += [f"unpaired: {u}" for u in comparison.unpaired]
+    notes += [f"problem: job {j.name}: {p}" for j in sweep.jobs for p in j.problems]
     if not comparison.pairs:
         notes.append(f"no pair of jobs differs only in {key}" + (f" (and {rk})" if rk else ""))
     kinds = sorted({exactness(r.summary) for _, a, b in comparison.groups for j in a + b for r in j.roles.values()
