@@ -160,8 +160,17 @@ def to_markdown(view: View) -> str:
         for row in section.rows:
             out.append("| " + " | ".join(cell(row, c).replace("|", "\\|") for c in cols) + " |")
         out.append("")
-    out += [f"- {n}" for n in view.notes]
+    out += [f"- {_plain_legend(n)}" for n in view.notes]
     return "\n".join(out).rstrip() + "\n"
+
+
+#: the terminal's colour legend, and what markdown (no colours) shows instead
+COLOUR_LEGEND = "green: lower memory or time, red: higher; dim: within the measured noise"
+PLAIN_LEGEND = "a negative diff (ratio below 1x) is lower memory or time; the note column says within noise (±noise)"
+
+
+def _plain_legend(note: str) -> str:
+    return note.replace(COLOUR_LEGEND, PLAIN_LEGEND)
 
 
 def to_csv(view: View) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from flmem.browse.compare import Comparison
 from flmem.browse.model import Job, Sweep
 from flmem.browse.phases import exactness, exactness_notes, finite, phase_rows, summary_phases
-from flmem.browse.render import View, Section, MiB
+from flmem.browse.render import COLOUR_LEGEND, View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
 from flmem.report import plural
 
@@ -153,7 +153,7 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
     cols.insert(cols.index(next(c for c in cols if c.key == "note")), Column("noise", "noise", "row"))
     phase_cols = [replace(c, people=True) if c.key in ("phase", "stage") else c for c in cols]
     notes = ["diff = after - before (memory in MiB, time in s); ratio = after / before; "
-             "green: lower memory or time, red: higher; dim: within the measured noise",
+             + COLOUR_LEGEND,
              "setup peak heap: the highest heap while loading model and data; FL peak heap: the highest during the "
              "FL rounds; FL working memory = FL peak heap - heap when FL began (what FL adds over setup); "
              "working RSS = peak RSS - RSS at the baseline mark; '-': not recorded (older runs), or a phase "
