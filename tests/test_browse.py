@@ -642,3 +642,95 @@ def test_wrong_shape_files_are_named_not_crashed_on(capsys, sweep, tmp_path, cas
     # --compare names the damaged job's problem too
     code, out, _ = browse(capsys, root, "--compare", "optimize", "--format", "json")
     assert code == 0 and problem in out
+
+
+def _fail(job_dir: Path) -> None:
+    data = json.loads((job_dir / "result.json").read_text())
+    data.update(status="failed", failure={"role": "launcher", "reason": "config validation failed"}, duration_s=0.077)
+    (job_dir / "result.json").write_text(json.dumps(data))
+
+
+@slow
+def test_failed_jobs_give_no_run_time_and_n_counts_paired_repeats(capsys, sweep, tmp_path):
+    # a plain pair whose before job failed: no run time or accuracy compared, whatever the job recorded
+    root = _pair_sweep(sweep, tmp_path / "pair")
+    _fail(root / "0")
+    rows = _by(browse_json(capsys, root, "--compare", "optimize")["comparison"], "role", "metric")
+    for metric in ("run time", "final accuracy"):
+        r = rows[("job", metric)]
+        assert r["before"] is None and r["after"] is not None and r["ratio"] is None and r["diff"] is None
+    # repeats: before has a run time only in repeat 1, after only in repeat 0: n = 0, and the note says why
+    root, _ = _phase_sweep(sweep, tmp_path / "rep", {"false": [0, 0], "true": [0, 0]})
+    _fail(root / "0")  # optimize=false, repeat=0
+    _fail(root / "3")  # optimize=true, repeat=1
+    rows = _by(browse_json(capsys, root, "--compare", "optimize")["comparison"], "role", "metric")
+    r = rows[("job", "run time")]
+    assert (r["n"], r["n_before"], r["n_after"]) == (0, 1, 1)
+    assert "before from repeat 1, after from repeat 0: medians of different repeats" in r["note"]
+
+
+@slow
+def test_setup_rss_not_profiled_units_legend_and_unknown_filter_value(capsys, sweep, tmp_path):
+    root, _ = _phase_sweep(sweep, tmp_path / "sw", {"false": [0], "true": [0]})
+    rows = browse_json(capsys, root / "0")["phases"]
+    for role in {r["role"] for r in rows}:
+        setup = [r["peak_rss_bytes"] for r in rows if r["role"] == role and r["stage"] == "setup"
+                 and r["level"] == "phase" and r["peak_rss_bytes"] is not None]
+        stage = next(r for r in rows if r["role"] == role and r["phase"] == "setup stage")
+        assert setup and stage["peak_rss_bytes"] == max(setup)
+    # profiling.enabled=false: no capture, so per-phase peaks are "not profiled", not "sampled"
+    for path in (root / "0").glob("roles/*/summary.json"):
+        _set(path, "phase_peaks", None)
+        _set(path, "capture_error", "no capture file (profiling.enabled=false, or the role never started)")
+        (path.parent / "capture.bin").unlink()
+    data = browse_json(capsys, root / "0")
+    assert {r["peaks"] for r in data["phases"]} == {"not profiled (profiling.enabled=false)"}
+    assert not any("no snapshot fell inside" in n or "sampled" in n for n in data["notes"])
+    assert any("per-phase peaks not profiled (profiling.enabled=false)" in n for n in data["notes"])
+    # the run-time noise has its unit; markdown has no colours, so its legend names none
+    same = make_sweep(tmp_path / "same", [(completed_job(sweep, "false"), {"optimize": "False"}),
+                                          (completed_job(sweep, "false"), {"optimize": "True"})],
+                      ["optimize=true,false"])
+    run_time = _by(browse_json(capsys, same, "--compare", "optimize")["comparison"], "role", "metric")[("job", "run time")]
+    assert re.search(r"within noise \(±[0-9.]+ s\)", run_time["note"]), run_time["note"]
+    code, out, _ = browse(capsys, same, "--compare", "optimize", "--format", "markdown")
+    assert code == 0 and not re.search(r"\b(green|red|dim)\b", out) and "ratio below 1x" in out
+    # a filter value no row has exits 2 and names the values there are, like an unknown key
+    code, _, err = browse(capsys, same, "--compare", "optimize", "--filter", "phase=nosuch")
+    assert code == 2 and "phase='nosuch'" in err and "train" in err
+    code, _, err = browse(capsys, same, "--filter", "status=failed")
+    assert code == 2 and "completed" in err
+
+
+def _render(view, width: int) -> str:
+    from rich.console import Console
+
+    from flmem.browse.render import emit
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    emit(view, "table", console)
+    return " ".join(console.export_text().split())
+
+
+@slow
+@pytest.mark.parametrize("width", [80, 100])
+def test_narrow_terminals_keep_before_after_ratio_and_memory(sweep, tmp_path, width):
+    from flmem.browse.compare import compare
+    from flmem.browse.views import compare_view, run_view
+
+    root, _ = _phase_sweep(sweep, tmp_path / "sw", {"false": [0, 40], "true": [20, 20]})
+    loaded = load_sweep(root)
+    text = _render(compare_view(loaded, compare(loaded, "optimize", None, 0.01)), width)
+    shown = re.findall(r"not shown, to fit \d+ columns: (.*?) \(a wider terminal", text)
+    assert shown and all(k not in part.split(", ") for part in shown for k in ("before", "after", "ratio"))
+    assert "┃ ratio ┃" in text.replace("  ", " ") or " ratio ┃" in text
+    assert "the same in every row: pair: all" in text  # constant columns go first, with their value
+    if width == 100:
+        assert all("diff" not in part.split(", ") for part in shown)
+    text = _render(run_view(load_job(root / "0")), width)
+    shown = [n for part in re.findall(r"not shown, to fit \d+ columns: (.*?) \(a wider terminal", text)
+             for n in part.split(", ")]
+    assert "FL working MiB" not in shown and "peak RSS MiB" not in shown
+    if width == 80:
+        assert "count" in shown and "stage" in shown
+    assert "peaks: sampled every" in text  # the exactness column, the same in every row, keeps its value
