@@ -691,7 +691,8 @@ def test_setup_rss_not_profiled_units_legend_and_unknown_filter_value(capsys, sw
     same = make_sweep(tmp_path / "same", [(completed_job(sweep, "false"), {"optimize": "False"}),
                                           (completed_job(sweep, "false"), {"optimize": "True"})],
                       ["optimize=true,false"])
-    run_time = _by(browse_json(capsys, same, "--compare", "optimize")["comparison"], "role", "metric")[("job", "run time")]
+    rows = _by(browse_json(capsys, same, "--compare", "optimize")["comparison"], "role", "metric")
+    run_time = rows[("job", "run time")]
     assert re.search(r"within noise \(±[0-9.]+ s\)", run_time["note"]), run_time["note"]
     code, out, _ = browse(capsys, same, "--compare", "optimize", "--format", "markdown")
     assert code == 0 and not re.search(r"\b(green|red|dim)\b", out) and "ratio below 1x" in out

@@ -131,8 +131,9 @@ def _compare_dicts(rows, section: str, repeats: bool) -> list[dict]:
         d = r.as_dict()
         d["kind"], d["section"], d["repeats"] = r.kind, section, repeats
         if r.within_noise:
-            d["note"] = ("within noise (±" + ("%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else
-                                              f"{r.noise:.3g}" + (" s" if r.kind == "seconds" else "")) + ")" + (f"; {r.note}" if r.note else ""))
+            noise = "%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else \
+                f"{r.noise:.3g}" + (" s" if r.kind == "seconds" else "")
+            d["note"] = f"within noise (±{noise})" + (f"; {r.note}" if r.note else "")
         out.append(d)
     return out
 
