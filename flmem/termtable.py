@@ -7,8 +7,10 @@ Rich fits a wide table by folding cells, so at 100 columns ``1,234.5`` becomes `
 * a text column wraps at spaces only; a word longer than the column ends in ``…``;
 * a path column keeps its start and end and puts ``…`` in the middle; a key column (a path to
   copy, such as a sweep's directory) is shown whole, like a number;
-* when even that does not fit, whole columns are dropped (the ``drop`` order first, then from
-  the right, never the first), and the table's caption names them.
+* when even that does not fit, whole columns are dropped: first those whose value is the same in
+  every row (the caption names them with that value, e.g. ``pair: all``), then by the ``drop`` order
+  (highest first; a negative ``drop`` keeps a column longer than the unranked ones), then from the
+  right, never the first; the table's caption names them.
 
 Headers may hold ``\\n`` and wrap at spaces. Widths are terminal cells (``rich.cells.cell_len``).
 Cells, headers and titles are plain text, never rich markup.
@@ -84,6 +86,7 @@ def plan(columns: list[FitColumn], rows: list[list[str]], width: int) -> tuple[l
     bounds = [_bounds(col, [r[i] for r in rows], width < UNLIMITED) for i, col in enumerate(columns)]
     kept = list(range(len(columns)))
     dropped: list[int] = []
+    constant = constant_columns(rows, len(columns))
     while True:
         natural = [bounds[i][0] for i in kept]
         if table_width(natural) <= width:
@@ -99,10 +102,17 @@ def plan(columns: list[FitColumn], rows: list[list[str]], width: int) -> tuple[l
                 widths[short] += 1
                 spare -= 1
             return dropped, widths
-        # drop the column with the highest ``drop``; among equals the rightmost; never the first
-        victim = max(kept[1:], key=lambda i: (columns[i].drop, i))
+        # a column that says the same in every row first (the caption keeps its value), then the
+        # column with the highest ``drop``; among equals the rightmost; never the first
+        same = [i for i in kept if i in constant]
+        victim = same[-1] if same else max(kept[1:], key=lambda i: (columns[i].drop, i))
         kept.remove(victim)
         dropped.append(victim)
+
+
+def constant_columns(rows: list[list[str]], n: int) -> set[int]:
+    """The indices of the columns whose cell is the same in every row (two rows or more)."""
+    return {i for i in range(n) if len(rows) > 1 and len({r[i] for r in rows}) == 1} if rows else set()
 
 
 def fit_table(columns: list[FitColumn], rows: list[list[str]], width: int, *, title: str | None = None,
@@ -123,10 +133,15 @@ def fit_table(columns: list[FitColumn], rows: list[list[str]], width: int, *, ti
         table.add_row(*cells, style=styles[r] if styles else None)
     if dropped:
         name = (lambda i: " ".join(columns[i].header.split()))
-        hidden = [name(i) for i in sorted(dropped) if i not in below]
-        moved = [name(i) for i in sorted(dropped) if i in below]
+        constant = constant_columns(rows, len(columns))
+        same = [f"{name(i)}: {rows[0][i]}" for i in sorted(dropped) if i in constant]
+        dropped_other = [i for i in dropped if i not in constant]
+        hidden = [name(i) for i in sorted(dropped_other) if i not in below]
+        moved = [name(i) for i in sorted(dropped_other) if i in below]
         text = f"not shown, to fit {width} columns: {', '.join(hidden)} (a wider terminal shows them)" if hidden \
             else ""
+        if same:
+            text += ("; " if text else "") + f"the same in every row: {', '.join(same)}"
         if moved:
             text += ("; " if text else f"to fit {width} columns, ") + f"{', '.join(moved)}: below the table"
         table.caption = Text(text, style="table.caption")

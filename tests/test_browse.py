@@ -580,3 +580,158 @@ def test_phase_bands_and_per_phase_tables_in_the_report(sweep, tmp_path):
     assert text.count('data-section="phases"') == 3  # the comparison's and each job's
     svg = (root / "report" / "memory_over_time_0.svg").read_text()
     assert ">train<" in svg and "bottom: optimize=False" in svg
+
+
+# ------------------------------------------------------------------ valid JSON, wrong shape
+def _set(path: Path, key: str, value) -> None:
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _pair_sweep(sweep: Path, root: Path) -> Path:
+    """optimize=false (job 0) and optimize=true (job 1), copies of the fixture's completed jobs."""
+    return make_sweep(root, [(completed_job(sweep, "false"), {}), (completed_job(sweep, "true"), {})],
+                      ["optimize=true,false"])
+
+
+WRONG_SHAPES = {  # damage to job 0 -> what its problem note must name
+    "summary_list": (lambda j: (j / "roles/server/summary.json").write_text("[1,2]"),
+                     "server: summary.json is not a JSON object but list"),
+    "summary_str_peak": (lambda j: _set(j / "roles/server/summary.json", "peak_heap_bytes", "lots"),
+                         "summary.json: peak_heap_bytes = 'lots' is not a number"),
+    "top_sites_str_bytes": (lambda j: _set(j / "roles/server/summary.json", "top_sites",
+                                           [{"function": "f", "file": "x.py", "line": 1, "bytes": "y"}]),
+                            "summary.json: top_sites[0].bytes = 'y' is not a number"),
+    "result_list": (lambda j: (j / "result.json").write_text("[1]"), "result.json is not a JSON object but list"),
+    "result_roles_list": (lambda j: _set(j / "result.json", "roles", [1]), "result.json: roles = [1] is not an object"),
+    "result_rounds_junk": (lambda j: _set(j / "result.json", "rounds", [1, "a", {"test_accuracy": "hi"}]),
+                           "result.json: rounds: 2 entries not an object"),
+}
+
+
+@slow
+@pytest.mark.parametrize("case", sorted(WRONG_SHAPES))
+def test_wrong_shape_files_are_named_not_crashed_on(capsys, sweep, tmp_path, case):
+    damage, problem = WRONG_SHAPES[case]
+    root = _pair_sweep(sweep, tmp_path / "sw")
+    damage(root / "0")
+    for args in ([root], [root / "0"], [root, "--compare", "optimize"], [root, "--html"], [root / "0", "--html"]):
+        code, out, err = browse(capsys, *args, "--format", "json") if "--html" not in args else \
+            browse(capsys, *args)
+        assert code == 0 and "Traceback" not in err, (args, err)
+    job = load_job(root / "0")
+    assert any(problem in p for p in job.problems), job.problems
+    # views never see a wrong type: every number read from the summaries is a number or None
+    for role in job.roles.values():
+        assert role.get("peak_heap_bytes") is None or isinstance(role.get("peak_heap_bytes"), int)
+        assert all(isinstance(s.get("bytes"), (int, type(None))) for s in role.get("top_sites") or [])
+    assert all(isinstance(r, dict) for r in job.rounds)
+    assert job.final_accuracy is None or isinstance(job.final_accuracy, float)
+    # the problem is named in the sweep view, the job view and their json
+    data = browse_json(capsys, root)
+    assert any(problem in (j["notes"] or "") for j in data["jobs"] if j["job"] == "0"), data["jobs"]
+    data = browse_json(capsys, root / "0")
+    assert any(problem in p for p in data["problems"]), data["problems"]
+    os.environ["COLUMNS"] = "250"
+    try:
+        code, out, _ = browse(capsys, root / "0")
+    finally:
+        del os.environ["COLUMNS"]
+    assert code == 0 and problem in " ".join(out.split())
+    # --compare names the damaged job's problem too
+    code, out, _ = browse(capsys, root, "--compare", "optimize", "--format", "json")
+    assert code == 0 and problem in out
+
+
+def _fail(job_dir: Path) -> None:
+    data = json.loads((job_dir / "result.json").read_text())
+    data.update(status="failed", failure={"role": "launcher", "reason": "config validation failed"}, duration_s=0.077)
+    (job_dir / "result.json").write_text(json.dumps(data))
+
+
+@slow
+def test_failed_jobs_give_no_run_time_and_n_counts_paired_repeats(capsys, sweep, tmp_path):
+    # a plain pair whose before job failed: no run time or accuracy compared, whatever the job recorded
+    root = _pair_sweep(sweep, tmp_path / "pair")
+    _fail(root / "0")
+    rows = _by(browse_json(capsys, root, "--compare", "optimize")["comparison"], "role", "metric")
+    for metric in ("run time", "final accuracy"):
+        r = rows[("job", metric)]
+        assert r["before"] is None and r["after"] is not None and r["ratio"] is None and r["diff"] is None
+    # repeats: before has a run time only in repeat 1, after only in repeat 0: n = 0, and the note says why
+    root, _ = _phase_sweep(sweep, tmp_path / "rep", {"false": [0, 0], "true": [0, 0]})
+    _fail(root / "0")  # optimize=false, repeat=0
+    _fail(root / "3")  # optimize=true, repeat=1
+    rows = _by(browse_json(capsys, root, "--compare", "optimize")["comparison"], "role", "metric")
+    r = rows[("job", "run time")]
+    assert (r["n"], r["n_before"], r["n_after"]) == (0, 1, 1)
+    assert "before from repeat 1, after from repeat 0: medians of different repeats" in r["note"]
+
+
+@slow
+def test_setup_rss_not_profiled_units_legend_and_unknown_filter_value(capsys, sweep, tmp_path):
+    root, _ = _phase_sweep(sweep, tmp_path / "sw", {"false": [0], "true": [0]})
+    rows = browse_json(capsys, root / "0")["phases"]
+    for role in {r["role"] for r in rows}:
+        setup = [r["peak_rss_bytes"] for r in rows if r["role"] == role and r["stage"] == "setup"
+                 and r["level"] == "phase" and r["peak_rss_bytes"] is not None]
+        stage = next(r for r in rows if r["role"] == role and r["phase"] == "setup stage")
+        assert setup and stage["peak_rss_bytes"] == max(setup)
+    # profiling.enabled=false: no capture, so per-phase peaks are "not profiled", not "sampled"
+    for path in (root / "0").glob("roles/*/summary.json"):
+        _set(path, "phase_peaks", None)
+        _set(path, "capture_error", "no capture file (profiling.enabled=false, or the role never started)")
+        (path.parent / "capture.bin").unlink()
+    data = browse_json(capsys, root / "0")
+    assert {r["peaks"] for r in data["phases"]} == {"not profiled (profiling.enabled=false)"}
+    assert not any("no snapshot fell inside" in n or "sampled" in n for n in data["notes"])
+    assert any("per-phase peaks not profiled (profiling.enabled=false)" in n for n in data["notes"])
+    # the run-time noise has its unit; markdown has no colours, so its legend names none
+    same = make_sweep(tmp_path / "same", [(completed_job(sweep, "false"), {"optimize": "False"}),
+                                          (completed_job(sweep, "false"), {"optimize": "True"})],
+                      ["optimize=true,false"])
+    rows = _by(browse_json(capsys, same, "--compare", "optimize")["comparison"], "role", "metric")
+    run_time = rows[("job", "run time")]
+    assert re.search(r"within noise \(±[0-9.]+ s\)", run_time["note"]), run_time["note"]
+    code, out, _ = browse(capsys, same, "--compare", "optimize", "--format", "markdown")
+    assert code == 0 and not re.search(r"\b(green|red|dim)\b", out) and "ratio below 1x" in out
+    # a filter value no row has exits 2 and names the values there are, like an unknown key
+    code, _, err = browse(capsys, same, "--compare", "optimize", "--filter", "phase=nosuch")
+    assert code == 2 and "phase='nosuch'" in err and "train" in err
+    code, _, err = browse(capsys, same, "--filter", "status=failed")
+    assert code == 2 and "completed" in err
+
+
+def _render(view, width: int) -> str:
+    from rich.console import Console
+
+    from flmem.browse.render import emit
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    emit(view, "table", console)
+    return " ".join(console.export_text().split())
+
+
+@slow
+@pytest.mark.parametrize("width", [80, 100])
+def test_narrow_terminals_keep_before_after_ratio_and_memory(sweep, tmp_path, width):
+    from flmem.browse.compare import compare
+    from flmem.browse.views import compare_view, run_view
+
+    root, _ = _phase_sweep(sweep, tmp_path / "sw", {"false": [0, 40], "true": [20, 20]})
+    loaded = load_sweep(root)
+    text = _render(compare_view(loaded, compare(loaded, "optimize", None, 0.01)), width)
+    shown = re.findall(r"not shown, to fit \d+ columns: (.*?) \(a wider terminal", text)
+    assert shown and all(k not in part.split(", ") for part in shown for k in ("before", "after", "ratio"))
+    assert "┃ ratio ┃" in text.replace("  ", " ") or " ratio ┃" in text
+    assert "the same in every row: pair: all" in text  # constant columns go first, with their value
+    if width == 100:
+        assert all("diff" not in part.split(", ") for part in shown)
+    text = _render(run_view(load_job(root / "0")), width)
+    shown = [n for part in re.findall(r"not shown, to fit \d+ columns: (.*?) \(a wider terminal", text)
+             for n in part.split(", ")]
+    assert "FL working MiB" not in shown and "peak RSS MiB" not in shown
+    if width == 80:
+        assert "count" in shown and "stage" in shown
+    assert "peaks: sampled every" in text  # the exactness column, the same in every row, keeps its value

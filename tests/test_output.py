@@ -62,10 +62,14 @@ def render(view: View, width: int) -> str:
 
 
 def dropped_columns(text: str) -> list[str]:
-    """The headers the 'not shown' captions name (a caption may wrap over lines)."""
+    """The headers the 'not shown' captions name (a caption may wrap over lines), and those named as
+    the same in every row (``the same in every row: pair: all, stage: fl``)."""
     flat = " ".join(text.split())
-    return [name.strip() for m in re.finditer(r"not shown, to fit \d+ columns: (.*?) \(a wider terminal", flat)
-            for name in m.group(1).split(", ")]
+    names = [name.strip() for m in re.finditer(r"not shown, to fit \d+ columns: (.*?) \(a wider terminal", flat)
+             for name in m.group(1).split(", ")]
+    for m in re.finditer(r"the same in every row: (.{0,400})", flat):
+        names += [part.split(": ")[0].strip() for part in m.group(1).split(", ") if ": " in part]
+    return names
 
 
 @slow
@@ -249,7 +253,10 @@ def test_failure_reasons_left_out_to_fit_are_listed_below_the_table():
     cols = [Column("job", "job", "text"), Column("status", "status", "text"), *METRIC_COLUMNS,
             Column("notes", "notes", "text")]
     rows = [{"job": "0", "status": "failed", "notes": "data: cifar-10-batches-py lacks data_batch_1"},
-            {"job": "1", "status": "completed", "server_peak_heap_bytes": 170711887, "duration_s": 33.1}]
+            {"job": "1", "status": "completed", "server_peak_heap_bytes": 170711887, "duration_s": 33.1},
+            # every column varies, so none is left out as the same in every row
+            {"job": "2", "status": "completed", **{c.key: 123456789 if c.key.endswith("bytes") else 0.5
+                                                    for c in METRIC_COLUMNS}}]
     text = render(View("sweep", [Section("jobs", "", cols, rows)]), 80)
     assert "notes: below the table" in " ".join(text.split())
     assert "  job 0: data: cifar-10-batches-py lacks data_batch_1" in text and "job 1:" not in text

@@ -64,6 +64,7 @@ class CompareRow:
     after_range: tuple | None = None
     n_before: int = 1
     n_after: int = 1
+    n_paired: int | None = None  # repeats with a value on both sides (None: n_before and n_after's minimum)
 
     @property
     def diff(self) -> float | None:
@@ -84,7 +85,8 @@ class CompareRow:
                 "metric": self.metric, "unit": _UNIT[self.kind], "before": self.before, "after": self.after,
                 "diff": self.diff, "ratio": self.ratio, "noise": self.noise, "within_noise": self.within_noise,
                 "note": self.note, "before_min": lo_a, "before_max": hi_a, "after_min": lo_b, "after_max": hi_b,
-                "n": min(self.n_before, self.n_after), "n_before": self.n_before, "n_after": self.n_after}
+                "n": min(self.n_before, self.n_after) if self.n_paired is None else self.n_paired,
+                "n_before": self.n_before, "n_after": self.n_after}
 
 
 _UNIT = {"bytes": "bytes", "seconds": "s", "accuracy": "fraction", "text": None}
@@ -173,14 +175,23 @@ def _row(group: str, role: str, metric: str, kind: str, a: list[Job], b: list[Jo
          extra_noise: float = 0.0, **fields) -> CompareRow:
     """The medians of ``get`` over the jobs of each side, their ranges, and the noise (the spread
     across repeats, ``extra_noise``, and ``floor`` times the larger value, or ``floor`` itself for accuracy)."""
+    ka, kb = ({j.overrides.get(REPEAT_KEY): v for j in side if (v := get(j)) is not None} for side in (a, b))
     va, vb = [v for j in a if (v := get(j)) is not None], [v for j in b if (v := get(j)) is not None]
+    n_paired = len(set(ka) & set(kb))
+    if len(a) == len(b) == 1:  # a plain pair (no repeats, or comparing repeat itself): nothing to pair up
+        n_paired = int(bool(ka and kb))
+    elif ka and kb and set(ka) != set(kb):
+        unpaired = (f"before from repeat {', '.join(sorted(map(str, ka)))}, after from repeat "
+                    f"{', '.join(sorted(map(str, kb)))}: medians of different repeats")
+        fields["note"] = "; ".join(t for t in (fields.get("note"), unpaired) if t)
     before, after = (median(va) if va else None), (median(vb) if vb else None)
     noise = None
     if before is not None and after is not None:
         scaled = floor if kind == "accuracy" else floor * max(abs(before), abs(after))
         noise = max(_spread(va), _spread(vb), extra_noise, scaled)
     return CompareRow(group, role, metric, kind, before, after, noise, before_range=(min(va), max(va)) if va else None,
-                      after_range=(min(vb), max(vb)) if vb else None, n_before=len(va), n_after=len(vb), **fields)
+                      after_range=(min(vb), max(vb)) if vb else None, n_before=len(va), n_after=len(vb),
+                      n_paired=n_paired, **fields)
 
 
 def _pair_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list[CompareRow]:
@@ -195,8 +206,11 @@ def _pair_rows(group: str, a: list[Job], b: list[Job], rel_noise: float) -> list
             spread = _client_spread(a + b, lambda j, key=key: _role_values(j, key, True)) if clients else 0.0
             rows.append(_row(group, role, metric, "bytes", a, b, _getter(key, clients, agg), rel_noise,
                              max(spread, shift if heap else 0.0), note="" if rows else note))
-    rows.append(_row(group, "job", "run time", "seconds", a, b, lambda j: j.duration_s, TIME_FLOOR))
-    rows.append(_row(group, "job", "final accuracy", "accuracy", a, b, lambda j: j.final_accuracy, ACCURACY_FLOOR))
+    # a failed job's run time and accuracy measure the failure, not the run: left out like its memory
+    ok = lambda value: (lambda j: value(j) if j.status == "completed" else None)  # noqa: E731
+    rows.append(_row(group, "job", "run time", "seconds", a, b, ok(lambda j: j.duration_s), TIME_FLOOR))
+    rows.append(_row(group, "job", "final accuracy", "accuracy", a, b, ok(lambda j: j.final_accuracy),
+                     ACCURACY_FLOOR))
     return rows
 
 

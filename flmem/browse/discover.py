@@ -14,9 +14,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from flmem.browse import shape
 from flmem.browse.captures import check_capture
 from flmem.browse.model import BrowseError, Job, Role, Sweep, parse_overrides, role_order
-from flmem.status import read_json
 
 #: a job without result.json is "running" while a role process lives or it wrote a file this recently (s)
 RUNNING_WINDOW_S = 120
@@ -42,9 +42,16 @@ def _last_activity(job_dir: Path, roles) -> float:
     return max(stamps)
 
 
-def _load_role(name: str, role_dir: Path, result_summary: dict | None, finished: bool) -> Role:
-    summary = read_json(role_dir / "summary.json") or result_summary or {}
-    status = read_json(role_dir / "status.json", {}) or {}
+def _load_role(name: str, role_dir: Path, result_summary: dict | None, finished: bool,
+               problems: list[str]) -> Role:
+    """One role; what is wrong with its files is appended to ``problems`` as ``"<role>: <why>"``."""
+    summary, notes = shape.read(role_dir / "summary.json")
+    if summary is None and notes and result_summary:
+        notes = [f"{n}; using result.json's copy" for n in notes]
+    summary = summary or result_summary or {}
+    status, status_notes = shape.read(role_dir / "status.json")
+    status = status or {}
+    problems += [f"{name}: {n}" for n in notes + status_notes]
     if finished or summary:
         state, reason = check_capture(role_dir / "capture.bin", summary)
     else:
@@ -63,33 +70,45 @@ def load_job(job_dir: Path, name: str | None = None) -> Job:
     job_dir = Path(job_dir)
     if not job_dir.is_dir():
         raise BrowseError(f"{job_dir}: not a directory")
-    result = read_json(job_dir / "result.json") or {}
+    result, result_notes = shape.read(job_dir / "result.json")
+    result = result or {}
     overrides = result.get("overrides")
+    if overrides is not None and not isinstance(overrides, list):
+        result_notes.append(f"result.json: overrides = {overrides!r:.40} is not a list (using .hydra/overrides.yaml)")
+        overrides = None
     if overrides is None:
-        overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+        overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
+        overrides = overrides if isinstance(overrides, list) else []
     roles_dir = job_dir / "roles"
-    names = set(result.get("roles", {})) | ({p.name for p in roles_dir.iterdir() if p.is_dir()}
-                                            if roles_dir.is_dir() else set())
-    roles = {n: _load_role(n, roles_dir / n, result.get("roles", {}).get(n), bool(result))
+    saved = result.get("roles") or {}
+    names = set(saved) | ({p.name for p in roles_dir.iterdir() if p.is_dir()} if roles_dir.is_dir() else set())
+    problems: list[str] = list(result_notes)
+    roles = {n: _load_role(n, roles_dir / n, saved.get(n) if isinstance(saved.get(n), dict) else None,
+                           bool(result), problems)
              for n in sorted(names, key=role_order)}
-    problems = [f"{r.name}: {r.capture_reason}" for r in roles.values() if r.capture_state not in ("ok", "open")]
+    problems += [f"{r.name}: {r.capture_reason}" for r in roles.values() if r.capture_state not in ("ok", "open")]
     if result:
-        status = result.get("status", "incomplete")
+        status = result.get("status") if result.get("status") in ("completed", "failed") else "incomplete"
         rounds = result.get("rounds") or []
     else:
         from flmem.status import read_metrics
 
-        rounds = read_metrics(roles_dir / "server")
+        rounds = []
+        for record in read_metrics(roles_dir / "server"):
+            record, notes = shape.clean(record, "server metrics.jsonl")
+            if record is not None:
+                rounds.append(record)
         live = any(_alive(r.status.get("pid")) for r in roles.values() if r.status.get("phase") != "done")
         if live or time.time() - _last_activity(job_dir, roles.values()) < RUNNING_WINDOW_S:
             status = "running"
         else:
             status = "incomplete"
-            problems.insert(0, "no result.json: the launcher stopped before the job ended")
+            if not result_notes:
+                problems.insert(0, "no result.json: the launcher stopped before the job ended")
     model_bytes = result.get("model_bytes") or next((r.get("model_bytes") for r in roles.values()
                                                      if r.get("model_bytes")), None)
     return Job(dir=job_dir, name=name or job_dir.name, overrides=parse_overrides(overrides), status=status,
-               failure=result.get("failure"), result=result, roles=roles, started=result.get("started"),
+               failure=result.get("failure") or None, result=result, roles=roles, started=result.get("started"),
                duration_s=result.get("duration_s"), model_bytes=model_bytes, rounds=rounds, problems=problems)
 
 

@@ -17,6 +17,7 @@ from flmem.browse.model import Job, Role
 from flmem.status import read_json
 
 STAGES = ("setup", "fl", "teardown")
+NOT_PROFILED = "not profiled (profiling.enabled=false)"
 MAX_NAME = 80  # longer phase names are cut: they are labels, not data
 
 
@@ -92,10 +93,18 @@ def phase_value(role: Role, phase: str, key: str = "peak_heap_bytes") -> float |
     return next((p[key] for p in summary_phases(role) if p["phase"] == phase), None)
 
 
+def profiled(summary: dict) -> bool:
+    """False when the role ran without memray (``profiling.enabled=false``): no capture, so no per-phase peaks."""
+    return not (summary.get("phase_peaks") is None and str(summary.get("capture_error") or "").startswith("no capture"))
+
+
 def exactness(summary: dict, exact: bool | None = None) -> str:
-    """How exact a role's per-phase peaks are: ``exact``, ``sampled every N ms``, or ``-`` (unknown).
+    """How exact a role's per-phase peaks are: ``exact``, ``sampled every N ms``, ``not profiled`` (no
+    capture: ``profiling.enabled=false``), or ``-`` (unknown).
 
     ``exact`` (a phase's own flag) wins over the role's ``phase_peaks``."""
+    if not profiled(summary):
+        return NOT_PROFILED
     kind = ("exact" if exact else "sampled") if exact is not None else summary.get("phase_peaks")
     if kind == "exact":
         return "exact"
@@ -140,8 +149,9 @@ def phase_rows(job: Job) -> list[dict]:
         stage_rows = []
         setup = finite(s.get("setup_peak_heap_bytes"))
         if setup is not None:
+            rss = [p["peak_rss_bytes"] for p in phases if p["stage"] == "setup" and p["peak_rss_bytes"] is not None]
             stage_rows.append({"phase": "setup stage", "stage": "setup", "peak_heap_bytes": setup,
-                               **_sums(phases, "setup")})
+                               "peak_rss_bytes": max(rss) if rss else None, **_sums(phases, "setup")})
         fl = {k: finite(s.get(k)) for k in ("fl_peak_heap_bytes", "fl_start_heap_bytes", "fl_working_heap_bytes",
                                               "fl_working_heap_in_M", "fl_peak_rss_bytes")}
         if any(v is not None for v in fl.values()):
@@ -177,11 +187,13 @@ def exactness_notes(job: Job) -> list[str]:
         elif kind == "none":
             notes.append(f"{who}: no per-phase numbers (recorded before phases were marked, or the role did "
                          "not finish)")
+        elif kind == NOT_PROFILED:
+            notes.append(f"{who}: per-phase peaks {NOT_PROFILED}: no memray capture, times only")
         elif kind != "-":
             notes.append(f"{who}: per-phase peaks {kind} (memray memory snapshots: a spike shorter than the "
                          "interval can be missed)")
-    missed = [f"{r.name} {p['phase']}" for r in job.roles.values() for p in summary_phases(r)
-              if p["peak_heap_bytes"] is None]
+    missed = [f"{r.name} {p['phase']}" for r in job.roles.values() if profiled(r.summary)
+              for p in summary_phases(r) if p["peak_heap_bytes"] is None]
     if missed:
         notes.append("no snapshot fell inside (shorter than the interval), so no peak: " + ", ".join(missed))
     return notes

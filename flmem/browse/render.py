@@ -113,8 +113,11 @@ DROP_FIRST = {
     # a run's roles, allocation sites and rounds
     "total_allocations": 9, "baseline_heap_bytes": 7, "exit_code": 6, "allocations": 9, "flmem_caller": 6,
     "aggregate_s": 9, "client_train_s": 8, "round_s": 7,
-    # a comparison: the ratio is kept longest
-    "noise": 9, "note": 8, "diff": 2,
+    "flamegraph": 4,
+    # a run's phases: the memory numbers are kept over count and stage
+    "count": 5, "stage": 4,
+    # a comparison: before, after and the ratio are kept longest, then the difference
+    "noise": 9, "note": 8, "before": -3, "after": -3, "ratio": -3, "diff": -2,
     # the listing
     "planned": 9, "problems": 8, "running": 7, "when": 6,
 }
@@ -160,8 +163,17 @@ def to_markdown(view: View) -> str:
         for row in section.rows:
             out.append("| " + " | ".join(cell(row, c).replace("|", "\\|") for c in cols) + " |")
         out.append("")
-    out += [f"- {n}" for n in view.notes]
+    out += [f"- {_plain_legend(n)}" for n in view.notes]
     return "\n".join(out).rstrip() + "\n"
+
+
+#: the terminal's colour legend, and what markdown (no colours) shows instead
+COLOUR_LEGEND = "green: lower memory or time, red: higher; dim: within the measured noise"
+PLAIN_LEGEND = "a negative diff (ratio below 1x) is lower memory or time; the note column says within noise (±noise)"
+
+
+def _plain_legend(note: str) -> str:
+    return note.replace(COLOUR_LEGEND, PLAIN_LEGEND)
 
 
 def to_csv(view: View) -> str:

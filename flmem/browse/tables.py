@@ -102,8 +102,10 @@ def _same(actual, wanted: str) -> bool:
 def apply_filters(rows: list[dict], filters: list[str], jobs: list[Job]) -> list[dict]:
     """Keep rows matching every ``key=value`` (or ``key!=value``); keys are columns or any override.
 
-    Raises BrowseError for a filter without ``=`` or with an unknown key (naming the valid keys).
+    Raises BrowseError for a filter without ``=``, with an unknown key (naming the valid keys), or
+    ``key=value`` with a value no row has (naming the values there are).
     """
+    everything = rows
     by_name = {j.name: j for j in jobs}
     valid = sorted({k for r in rows for k in r} | {k for j in jobs for k in j.overrides})
     for spec in filters:
@@ -118,6 +120,10 @@ def apply_filters(rows: list[dict], filters: list[str], jobs: list[Job]) -> list
         def value(row, key=key):
             return row[key] if key in row else by_name[row["job"]].overrides.get(key)
 
+        if not negate and everything and not any(_same(value(r), wanted) for r in everything):
+            values = sorted({"-" if value(r) is None else str(value(r)) for r in everything})
+            raise BrowseError(f"--filter {spec!r}: no row has {key}={wanted!r}; values: {', '.join(values[:40])}"
+                              + (f" and {len(values) - 40} more" if len(values) > 40 else ""))
         rows = [r for r in rows if _same(value(r), wanted) != negate]
     return rows
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from flmem.browse.compare import Comparison
 from flmem.browse.model import Job, Sweep
 from flmem.browse.phases import exactness, exactness_notes, finite, phase_rows, summary_phases
-from flmem.browse.render import View, Section, MiB
+from flmem.browse.render import COLOUR_LEGEND, View, Section, MiB
 from flmem.browse.tables import Column, apply_filters, sort_rows, sweep_rows
 from flmem.report import plural
 
@@ -131,8 +131,9 @@ def _compare_dicts(rows, section: str, repeats: bool) -> list[dict]:
         d = r.as_dict()
         d["kind"], d["section"], d["repeats"] = r.kind, section, repeats
         if r.within_noise:
-            d["note"] = ("within noise (±" + ("%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else
-                                              f"{r.noise:.3g}") + ")" + (f"; {r.note}" if r.note else ""))
+            noise = "%.1f MiB" % (r.noise / MiB) if r.kind == "bytes" else \
+                f"{r.noise:.3g}" + (" s" if r.kind == "seconds" else "")
+            d["note"] = f"within noise (±{noise})" + (f"; {r.note}" if r.note else "")
         out.append(d)
     return out
 
@@ -153,7 +154,7 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
     cols.insert(cols.index(next(c for c in cols if c.key == "note")), Column("noise", "noise", "row"))
     phase_cols = [replace(c, people=True) if c.key in ("phase", "stage") else c for c in cols]
     notes = ["diff = after - before (memory in MiB, time in s); ratio = after / before; "
-             "green: lower memory or time, red: higher; dim: within the measured noise",
+             + COLOUR_LEGEND,
              "setup peak heap: the highest heap while loading model and data; FL peak heap: the highest during the "
              "FL rounds; FL working memory = FL peak heap - heap when FL began (what FL adds over setup); "
              "working RSS = peak RSS - RSS at the baseline mark; '-': not recorded (older runs), or a phase "
@@ -162,6 +163,7 @@ def compare_view(sweep: Sweep, comparison: Comparison, filters: list[str] = ()) 
         notes.append(f"before and after are medians over the jobs that differ only in {rk} (shown as median "
                      f"(min-max, n=repeats)); the spread across repeats counts as measured noise")
     notes += [f"unpaired: {u}" for u in comparison.unpaired]
+    notes += [f"problem: job {j.name}: {p}" for j in sweep.jobs for p in j.problems]
     if not comparison.pairs:
         notes.append(f"no pair of jobs differs only in {key}" + (f" (and {rk})" if rk else ""))
     kinds = sorted({exactness(r.summary) for _, a, b in comparison.groups for j in a + b for r in j.roles.values()
