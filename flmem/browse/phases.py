@@ -81,7 +81,8 @@ def summary_phases(role: Role) -> list[dict]:
         name = _name(e.get("phase")) if isinstance(e, dict) else None
         if name is None:
             continue
-        rec = {"phase": name, "stage": _stage(e.get("stage")), "exact": e.get("exact") is True}
+        rec = {"phase": name, "stage": _stage(e.get("stage")), "exact": e.get("exact") is True,
+               "upper_bound": e.get("upper_bound") is True}
         for key in ("count", "seconds", "peak_heap_bytes", "peak_rss_bytes", "samples"):
             rec[key] = finite(e.get(key))
         out.append(rec)
@@ -98,13 +99,19 @@ def profiled(summary: dict) -> bool:
     return not (summary.get("phase_peaks") is None and str(summary.get("capture_error") or "").startswith("no capture"))
 
 
-def exactness(summary: dict, exact: bool | None = None) -> str:
-    """How exact a role's per-phase peaks are: ``exact``, ``sampled every N ms``, ``not profiled`` (no
+UPPER_BOUND = "upper bound (shorter than one interval)"
+
+
+def exactness(summary: dict, exact: bool | None = None, upper_bound: bool = False) -> str:
+    """How exact a role's per-phase peaks are: ``exact``, ``upper bound (...)`` (an exact capture's phase
+    with no snapshot inside: its interval's high-water mark), ``sampled every N ms``, ``not profiled`` (no
     capture: ``profiling.enabled=false``), or ``-`` (unknown).
 
     ``exact`` (a phase's own flag) wins over the role's ``phase_peaks``."""
     if not profiled(summary):
         return NOT_PROFILED
+    if upper_bound:
+        return UPPER_BOUND
     kind = ("exact" if exact else "sampled") if exact is not None else summary.get("phase_peaks")
     if kind == "exact":
         return "exact"
@@ -145,7 +152,7 @@ def phase_rows(job: Job) -> list[dict]:
     for role in job.roles.values():
         s, phases = role.summary, summary_phases(role)
         for p in phases:
-            rows.append({**p, "role": role.name, "level": "phase", "peaks": exactness(s, p["exact"])})
+            rows.append({**p, "role": role.name, "level": "phase", "peaks": exactness(s, p["exact"], p["upper_bound"])})
         stage_rows = []
         setup = finite(s.get("setup_peak_heap_bytes"))
         if setup is not None:
@@ -183,7 +190,8 @@ def exactness_notes(job: Job) -> list[str]:
         who = ", ".join(names)
         if kind == "exact":
             notes.append(f"{who}: per-phase peak heap exact (all_allocations capture: memray's high-water mark "
-                         "of each interval); peak RSS per phase sampled")
+                         "of each interval; a phase shorter than one interval gets its interval's mark, an upper "
+                         "bound, marked as such); peak RSS per phase sampled")
         elif kind == "none":
             notes.append(f"{who}: no per-phase numbers (recorded before phases were marked, or the role did "
                          "not finish)")

@@ -116,8 +116,8 @@ DROP_FIRST = {
     "flamegraph": 4,
     # a run's phases: the memory numbers are kept over count and stage
     "count": 5, "stage": 4,
-    # a comparison: before, after and the ratio are kept longest, then the difference
-    "noise": 9, "note": 8, "before": -3, "after": -3, "ratio": -3, "diff": -2,
+    # a comparison: what a row is (metric, phase), before, after and the ratio are kept longest, then the difference
+    "noise": 9, "note": 8, "before": -4, "after": -4, "ratio": -3, "metric": -3, "phase": -3, "diff": -2,
     # the listing
     "planned": 9, "problems": 8, "running": 7, "when": 6,
 }
