@@ -18,10 +18,33 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+MAX_JSON_BYTES = 64 * 2**20  # a run's JSON files are KiB; anything far larger is not one of ours
+
+
+def read_small_text(path: Path, limit: int = MAX_JSON_BYTES) -> str:
+    """The text of a run file, refusing what is no regular file (a FIFO would block the reader forever)
+    or larger than ``limit`` bytes.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        OSError: not a regular file, larger than ``limit``, or unreadable (the message says which).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise OSError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size > limit:
+        raise OSError(f"{path}: {size} bytes, more than the {limit} a run file may hold")
+    return path.read_text()
+
+
 def read_json(path: Path, default=None):
-    """The JSON in ``path``, or ``default`` when it is missing or unreadable."""
+    """The JSON in ``path``, or ``default`` when it is missing, unreadable, not a regular file or larger
+    than ``MAX_JSON_BYTES`` (see :func:`read_small_text`)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_small_text(path))
     except (OSError, ValueError):
         return default
 
@@ -49,7 +72,7 @@ def read_metrics(role_dir: Path) -> list[dict]:
     """The records of a role's ``metrics.jsonl`` (a torn last line is skipped)."""
     out = []
     try:
-        lines = (Path(role_dir) / "metrics.jsonl").read_text().splitlines()
+        lines = read_small_text(Path(role_dir) / "metrics.jsonl").splitlines()
     except OSError:
         return out
     for line in lines:

@@ -741,3 +741,28 @@ def test_narrow_terminals_keep_before_after_ratio_and_memory(sweep, tmp_path, wi
     if width == 80:
         assert "count" in shown and "stage" in shown
     assert "peaks: sampled every" in text  # the exactness column, the same in every row, keeps its value
+
+
+def test_fifos_and_huge_files_in_a_run_are_refused_not_waited_on(sweep, tmp_path):
+    """A FIFO would block a reader forever and a huge file would fill memory: both are named as problems,
+    and every view finishes, within a bound, with the rest of the run shown."""
+    job = copy_job(completed_job(sweep, "true"), tmp_path / "job")
+    for name in ("summary.json", "status.json", "capture.bin"):
+        (job / "roles" / "client_0" / name).unlink()
+        os.mkfifo(job / "roles" / "client_0" / name)
+    (job / "roles" / "server" / "metrics.jsonl").unlink()
+    os.mkfifo(job / "roles" / "server" / "metrics.jsonl")
+    with open(job / "roles" / "client_1" / "summary.json", "wb") as fh:  # sparse: 65 MiB on paper, no disk
+        fh.truncate(65 * 2**20)
+    for args in ([], ["--format", "json"], ["--html"]):
+        proc = subprocess.run([sys.executable, "-m", "flmem.browse", str(job), *args], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+    data = json.loads(subprocess.run([sys.executable, "-m", "flmem.browse", str(job), "--format", "json"],
+                                     capture_output=True, text=True, timeout=120).stdout)
+    problems = " ".join(data["problems"])
+    assert "client_0: capture.bin is not a regular file" in problems
+    assert "not a regular file" in problems and "more than the" in problems  # summary.json, both kinds named
+    server = next(r for r in data["roles"] if r["role"] == "server")
+    assert server["peak_heap_bytes"] > 0  # the rest of the run is still shown

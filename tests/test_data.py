@@ -272,6 +272,15 @@ class _RunsAShellCommand:
         return os.system, (self.command,)
 
 
+def read_by(route: str, cfg):
+    """Read ``cfg``'s data the way ``route`` does: the launcher's check, or a client or the server on either path."""
+    return {"check_available": lambda: data.check_available(cfg),
+            "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
+            "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
+            "test_original": lambda: data.test_dataset(cfg, release=False),
+            "test_optimized": lambda: data.test_dataset(cfg, release=True)}[route]()
+
+
 @pytest.mark.parametrize("read", ["check_available", "client_original", "client_optimized", "test_original",
                                   "test_optimized"])
 def test_a_cifar_batch_that_runs_code_is_refused_on_both_paths(tmp_path, read):
@@ -284,11 +293,7 @@ def test_a_cifar_batch_that_runs_code_is_refused_on_both_paths(tmp_path, read):
     (folder / name).write_bytes(pickle.dumps(payload, protocol=2))
     cfg = ds_cfg("cifar", tmp_path)
     with pytest.raises(data.CifarFormatError) as err:
-        {"check_available": lambda: data.check_available(cfg),
-         "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
-         "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
-         "test_original": lambda: data.test_dataset(cfg, release=False),
-         "test_optimized": lambda: data.test_dataset(cfg, release=True)}[read]()
+        read_by(read, cfg)
     message = str(err.value)
     assert str(folder / name) in message and "system, which a CIFAR-10 batch file does not" in message
     assert not marker.exists()
@@ -344,11 +349,7 @@ def test_an_idx_label_outside_the_classes_is_named(tmp_path, gz, read):
     path = rewrite_idx_labels(folder, data.IDX_FILES[train][1], labels, gz)
     cfg = ds_cfg("mnist", tmp_path)
     with pytest.raises(data.LabelRangeError) as err:
-        {"check_available": lambda: data.check_available(cfg),
-         "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
-         "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
-         "test_original": lambda: data.test_dataset(cfg, release=False),
-         "test_optimized": lambda: data.test_dataset(cfg, release=True)}[read]()
+        read_by(read, cfg)
     message = str(err.value)
     assert str(path) in message and "label 200 (sample 7" in message
     assert "must be in 0..9 (dataset.num_classes=10)" in message
@@ -366,11 +367,7 @@ def test_a_cifar_label_outside_the_classes_is_named(tmp_path, read, bad):
     (folder / name).write_bytes(pickle.dumps({"labels": labels, "data": np.zeros((5, 3072), np.uint8)}, protocol=2))
     cfg = ds_cfg("cifar", tmp_path)
     with pytest.raises(data.LabelRangeError) as err:
-        {"check_available": lambda: data.check_available(cfg),
-         "client_original": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=False),
-         "client_optimized": lambda: data.client_dataset(cfg, rank=0, num_clients=2, release=True),
-         "test_original": lambda: data.test_dataset(cfg, release=False),
-         "test_optimized": lambda: data.test_dataset(cfg, release=True)}[read]()
+        read_by(read, cfg)
     message = str(err.value)
     assert str(folder / name) in message and f"label {bad} (sample 2" in message and "0..9" in message
 

@@ -43,6 +43,8 @@ def check_capture(capture: Path, summary: dict) -> tuple[str, str | None]:
         if summary.get("capture"):
             return "missing", "capture.bin missing (it existed when the role was summarized)"
         return "missing", summary.get("capture_error") or "no capture.bin"
+    if not capture.is_file():  # a FIFO or a device would block memray's reader forever
+        return "unreadable", "capture.bin is not a regular file"
     size = capture.stat().st_size
     try:
         import memray
@@ -90,6 +92,8 @@ def memory_over_time(capture: Path, max_points: int = 2000, heap_offset: int = 0
     capture = Path(capture)
     if not capture.exists():
         return Series([], [], [], "no capture.bin")
+    if not capture.is_file():
+        return Series([], [], [], "capture.bin is not a regular file")
     try:
         import memray
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from flmem.browse import shape
 from flmem.browse.captures import check_capture
 from flmem.browse.model import BrowseError, Job, Role, Sweep, parse_overrides, role_order
+from flmem.status import read_small_text
 
 #: a job without result.json is "running" while a role process lives or it wrote a file this recently (s)
 RUNNING_WINDOW_S = 120
@@ -116,7 +117,7 @@ def _read_yaml(path: Path):
     try:
         import yaml
 
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(read_small_text(path))
     except Exception:  # missing or half-written: treated as absent
         return None
 

@@ -13,6 +13,8 @@ import math
 import re
 from pathlib import Path
 
+from flmem.status import read_small_text
+
 #: keys whose values are numbers (bytes, seconds, ms, counts, accuracies...) wherever they appear
 NUMERIC = re.compile(r"(?:^|_)(bytes|s|ms|M|count|samples|line|allocations|exit_code|round|rank|steps|accuracy|"
                      r"loss|threads|norm|started|pid|rounds_done|updated|arena|hblkhd|uordblks|fordblks|keepcost|"
@@ -105,7 +107,7 @@ def read(path: Path) -> tuple[dict | None, list[str]]:
     does not exist, ``(None, [why])`` when it cannot be read, is not JSON, or is not an object."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_small_text(path)
     except FileNotFoundError:
         return None, []
     except (OSError, ValueError) as exc:
