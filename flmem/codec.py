@@ -105,7 +105,12 @@ class ModelCodec:
             gc.collect()
 
     def fold(self, header: dict, chunks: Iterable[Chunk], aggregator, weight: float) -> None:
-        """Add ``weight`` times the streamed update to ``aggregator`` (a :class:`~flmem.strategy.StreamingFedAvg`)."""
+        """Add ``weight`` times the streamed update to ``aggregator`` (a :class:`~flmem.strategies.RunningSum`).
+
+        Raises:
+            serde.LayoutMismatchError: the update holds another model (raised before anything is added).
+            ValueError: a chunk outside the payload, or a stream that ends early (chunks may have been added).
+        """
         if self.serde_optimized and self.transport_optimized and header["format"] == "raw":
             # Removes the per-client model: every chunk is folded into the running sum and dropped.
             layout = serde.header_layout(header)
@@ -119,10 +124,31 @@ class ModelCodec:
             aggregator.count_update(weight)
             return
         update = self.receive(header, chunks)
+        aggregator.check_layout(serde.Layout.of(update))  # before any tensor is added
         aggregator.fold_state_dict(update, weight)
         del update
         if self.release:
             gc.collect()
+
+
+    def aligned_chunks(self, header: dict, chunks: Iterable[Chunk], layout: serde.Layout) -> Iterator[Chunk]:
+        """The update as ``raw`` chunks cut at multiples of ``chunk_size`` (for the chunk-aligned reduction).
+
+        A ``raw`` stream is passed through as it arrives (after its tensor table is checked against ``layout``);
+        a ``torch`` stream is received whole first, so it holds one model per client in flight.
+        Raises:
+            serde.LayoutMismatchError: the update holds another model.
+        """
+        if self.serde_optimized and self.transport_optimized and header["format"] == "raw":
+            theirs = serde.header_layout(header)
+            layout.check_matches(theirs)
+            if theirs != layout:  # chunk k is read with this server's table: it must be the same table
+                raise serde.LayoutMismatchError("the update's tensor table orders or places its tensors differently "
+                                                "from the global model's; send it as the server's encoder lays it out")
+            return chunks
+        update = self.receive(header, chunks)
+        layout.check_matches(serde.Layout.of(update))
+        return serde.iter_raw_chunks(update, layout, self.chunk_size)
 
 
 def _check_complete(received: int, total: int) -> None:

@@ -46,13 +46,28 @@ def _rules(cfg: DictConfig):
     yield at_least("threads_per_role", cfg.threads_per_role, 1)
     yield positive("lr", cfg.lr)
     yield cfg.optimizer in ("sgd", "adam"), f"optimizer={cfg.optimizer}: must be sgd or adam"
-    flags = ["optimize", "evaluate", "save_global_model", "fedavg.weighted", "dataset.download",
+    flags = ["optimize", "evaluate", "save_global_model", "dataset.download",
              *(f"optimization.{k}" for k in ("trainer", "serde", "transport", "aggregation", "release")),
              *(f"profiling.{k}" for k in ("enabled", "native_traces", "track_imports", "trace_python_allocators",
                                           "flamegraph"))]
     for key in flags:
         value = OmegaConf.select(cfg, key)
         yield isinstance(value, bool), f"{key}={value}: must be true or false"
+
+    st = cfg.strategy  # the strategy's own constructor checks its other keys when the server builds it
+    yield (isinstance(st.get("_target_"), str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", st._target_),
+           f"strategy._target_={st.get('_target_')}: must name a strategy class, e.g. flmem.strategies.FedAvg")
+    for key in ("weighted", "accept_failures"):
+        if key in st:
+            yield isinstance(st[key], bool), f"strategy.{key}={st[key]}: must be true or false"
+    if "fraction_fit" in st:
+        yield (isinstance(st.fraction_fit, (int, float)) and not isinstance(st.fraction_fit, bool)
+               and 0 < st.fraction_fit <= 1, f"strategy.fraction_fit={st.fraction_fit}: must be in (0, 1]")
+    if "min_fit_clients" in st:
+        n = cfg.num_clients if isinstance(cfg.num_clients, int) else 0
+        yield (isinstance(st.min_fit_clients, int) and not isinstance(st.min_fit_clients, bool)
+               and 1 <= st.min_fit_clients <= n,
+               f"strategy.min_fit_clients={st.min_fit_clients}: must be in 1..num_clients = 1..{n}")
 
     yield (cfg.client.mode in ("train", "local_only", "comm_only"),
            f"client.mode={cfg.client.mode}: must be train, local_only or comm_only")

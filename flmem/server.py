@@ -1,14 +1,16 @@
-"""The FL server: synchronous FedAvg rounds over the global model (no gRPC here).
+"""The round server: synchronous FL rounds over the global model (no gRPC here, no algorithm either).
 
-Round r: every client fetches the round-r global model, trains, and pushes its update with
-its sample count; when all ``num_clients`` updates are in, the server aggregates them into the
-round-(r+1) global model, evaluates it on the test split and publishes it. After the last round
-it waits until every client has fetched the final model, then returns.
+Round r: the strategy samples the clients that train; each of them fetches the round-r global model, trains,
+and pushes its update with its sample count; the others are told to wait for the next round. When every sampled
+client's update has arrived or failed, the strategy checks its failure policy and turns the updates into the
+round-(r+1) global model; the server evaluates it on the test split and publishes it. After the last round it
+waits until every live client has fetched the final model.
 
-* Original aggregation: the server keeps every client's whole model until the round ends,
-  then calls :func:`~flmem.strategy.aggregate`; each fetch serializes the global model anew.
-* Optimized aggregation: each update is folded into one running sum as it streams in
-  (:class:`~flmem.strategy.StreamingFedAvg`), and the global model is served from its own storage.
+What the server keeps is the strategy's business (:mod:`flmem.strategies`): on the original path
+(``streaming=False``) every update is received whole and handed to ``strategy.accept``; on the optimized path
+updates are added to a running sum one at a time in rank order (``combine = "sum"``), or chunk k of every update is
+reduced together (``combine = "coordinate"``, :mod:`flmem.lockstep`). The global model is served from its own
+storage on both paths (each fetch encodes it anew).
 """
 from __future__ import annotations
 
@@ -18,69 +20,97 @@ import time
 
 import torch
 
+from flmem import serde
 from flmem.codec import ModelCodec
+from flmem.lockstep import AlignedChunks, RoundSpoiledError
 from flmem.phases import NO_PHASES, PhaseLog
-from flmem.strategy import StreamingFedAvg, aggregate
+from flmem.rounds import RoundState, UpdateRefused
+from flmem.strategies.base import RoundFailedError, Strategy
 from flmem.trainer import evaluate
 
 
 class RoundTimeoutError(TimeoutError):
-    """Not every client update (or final fetch) arrived in time."""
+    """The final fetches did not complete in time."""
 
 
-class FedAvgServer:
-    """Holds the global model and runs the rounds.
+class RoundServer:
+    """Holds the global model and runs the rounds of ``strategy``.
 
     Args:
         model: the global model (its initial weights are round 0's global model).
         test_data: dataset to evaluate the global model on after each round (None: no evaluation).
+        strategy: a :class:`~flmem.strategies.Strategy`.
         num_clients, rounds: N and R.
         codec: how models are encoded and received.
-        streaming: fold updates as they arrive (optimized) instead of keeping N models.
-        weighted: FedAvg weights by sample count (True) or uniform (False).
-        round_timeout_s: how long a round may wait for its updates.
+        streaming: the optimized aggregation path (see the module docstring).
+        seed: the job's seed (client sampling).
+        round_timeout_s: how long a round waits for its updates, and round 0 for the clients to join (seconds).
         eval_batch_size: test batch size (activations of one batch are part of the server's peak).
         status: a :class:`~flmem.status.StatusWriter` (or None).
-        phases: records the FL phases of :meth:`run`: per round ``receive`` (waiting for the client updates;
-            gRPC handler threads receive or fold them meanwhile), ``aggregate``, ``evaluate`` (with the round's
+        phases: records the FL phases of :meth:`run`: per round ``receive`` (sampling, then waiting for the
+            updates while gRPC handler threads receive or combine them), ``aggregate``, ``evaluate`` (with the round's
             bookkeeping and publishing; without test data that is part of ``aggregate``), then ``serve final``.
     """
 
-    def __init__(self, model: torch.nn.Module, test_data, *, num_clients: int, rounds: int, codec: ModelCodec,
-                 streaming: bool, weighted: bool = True, round_timeout_s: float = 600.0, eval_batch_size: int = 64,
-                 status=None, phases: PhaseLog = NO_PHASES):
-        self.model, self.test_data = model, test_data
-        self.phases = phases
-        self.num_clients, self.rounds = num_clients, rounds
-        self.codec, self.streaming, self.weighted = codec, streaming, weighted
-        self.round_timeout_s, self.status, self.eval_batch_size = round_timeout_s, status, eval_batch_size
+    def __init__(self, model: torch.nn.Module, test_data, *, strategy: Strategy, num_clients: int, rounds: int,
+                 codec: ModelCodec, streaming: bool, seed: int = 0, round_timeout_s: float = 600.0,
+                 eval_batch_size: int = 64, status=None, phases: PhaseLog = NO_PHASES):
+        self.model, self.test_data, self.strategy = model, test_data, strategy
+        self.num_clients, self.rounds, self.seed = num_clients, rounds, seed
+        self.codec, self.streaming = codec, streaming
+        self.round_timeout_s, self.eval_batch_size = round_timeout_s, eval_batch_size
+        self.status, self.phases = status, phases
         self.state = model.state_dict()  # tensors share the parameters' storage
-        self.aggregator = StreamingFedAvg(self.state) if streaming else None
-        self.updates: dict[int, tuple[dict, float]] = {}
-        self.received: set[int] = set()
-        self.receiving: set[int] = set()  # ranks whose update is streaming in now
+        self.layout = serde.Layout.of(self.state)
+        self.joined: set[int] = set()
+        self.departed: dict[int, str] = {}
         self.final_fetched: set[int] = set()
+        self.current: RoundState | None = None
+        self.lockstep: AlignedChunks | None = None
         self.published = -1
         self.errors: list[BaseException] = []
+        self.finished = threading.Event()
         self.cond = threading.Condition()
         self.history: list[dict] = []
         self.transfers: list[dict] = []  # per model stream: direction, rank, bytes, seconds (encode + send/receive)
         self._serving: dict[tuple[int, int], tuple[float, int]] = {}
-        self._fold_slot = threading.Semaphore(1)
 
     # ---------------------------------------------------------------- called by gRPC handlers
-    def global_model(self, round_idx: int, rank: int):
-        """``(header, finished, chunks)`` of the round-``round_idx`` global model, once it exists."""
+    def join(self, rank: int) -> None:
+        """Client ``rank`` is connected (its presence stream is open)."""
         self._check_rank(rank)
         with self.cond:
+            self.joined.add(rank)
+            self.departed.pop(rank, None)
+            self.cond.notify_all()
+
+    def leave(self, rank: int) -> None:
+        """Client ``rank``'s presence stream closed: unless it is done, it leaves the job (and its round)."""
+        with self.cond:
+            if self.finished.is_set() or rank in self.final_fetched:
+                return
+            self.departed[rank] = "its connection closed (the client process exited or its network failed)"
+            self._fail(rank, f"left the job: {self.departed[rank]}")
+            self.cond.notify_all()
+
+    def global_model(self, round_idx: int, rank: int):
+        """``(header, finished, chunks)`` of the round-``round_idx`` global model once it exists, or
+        ``(None, next_round, None)``: client ``rank`` does not train in that round and should ask for ``next_round``.
+        Raises RuntimeError when the server failed; ValueError for a rank outside the job."""
+        self._check_rank(rank)
+        if not 0 <= round_idx <= self.rounds:
+            raise ValueError(f"client {rank} asked for round {round_idx}; this job has rounds 0..{self.rounds}")
+        with self.cond:
             if not self.cond.wait_for(lambda: self.published >= round_idx or self.errors, self.round_timeout_s):
-                raise RoundTimeoutError(f"the round-{round_idx} global model was not ready within "
-                                        f"{self.round_timeout_s:g} s (timeouts.round_s)")
+                raise RuntimeError(f"the round-{round_idx} global model was not ready within "
+                                   f"{self.round_timeout_s:g} s (timeouts.round_s)")
             if self.errors:
                 raise RuntimeError(f"server failed: {self.errors[0]}")
-            if self.published != round_idx:
-                raise ValueError(f"client {rank} asked for round {round_idx}, but the server is at round "
-                                 f"{self.published}")
+            self.joined.add(rank)
+            if round_idx < self.published:  # a client that fell behind joins the current round
+                return None, self.published, None
+            if round_idx < self.rounds and rank not in self.current.status:
+                return None, round_idx + 1, None  # not sampled: no model is encoded or sent for it
         started = time.time()
         header, chunks = self.codec.encode(self.state)
         self._serving[(round_idx, rank)] = (started, header["total_bytes"])
@@ -96,52 +126,79 @@ class FedAvgServer:
                 self.final_fetched.add(rank)
                 self.cond.notify_all()
 
-    def receive_update(self, round_idx: int, rank: int, num_samples: int, header: dict, chunks) -> int:
-        """Take client ``rank``'s round-``round_idx`` update; returns how many the round holds now.
+    def receive_update(self, round_idx: int, rank: int, num_samples: int, header: dict, chunks) -> tuple[bool, str]:
+        """Take client ``rank``'s round-``round_idx`` update: ``(True, "")``, or ``(False, reason)`` when it is
+        refused (the client is then out of the round; the round goes on without it).
 
         Raises:
-            ValueError: wrong round, unknown or repeated rank, or no samples.
+            RoundSpoiledError: the update failed after part of it was combined (the round cannot complete).
         """
-        self._check_rank(rank)
         with self.cond:
-            if round_idx != self.published or round_idx >= self.rounds:
-                raise ValueError(f"client {rank} sent an update for round {round_idx}; the server collects "
-                                 f"round {self.published}")
-            if rank in self.received or rank in self.receiving:
-                raise ValueError(f"client {rank} sent a second update for round {round_idx}")
-            self.receiving.add(rank)  # claimed before streaming: a concurrent duplicate is refused too
+            try:
+                self._check_rank(rank)
+                if round_idx != self.published or round_idx >= self.rounds:
+                    raise UpdateRefused(f"client {rank} sent an update for round {round_idx}, but the server "
+                                        f"collects round {self.published}: it came late or early")
+                self.current.claim(rank)
+            except (UpdateRefused, ValueError) as exc:
+                return False, str(exc)
+            state = self.current
+        before = self.strategy.running.folds if self.streaming and self.strategy.combine == "sum" else 0
         try:
-            return self._take_update(rank, num_samples, header, chunks)
-        finally:
-            with self.cond:
-                self.receiving.discard(rank)
-
-    def _take_update(self, rank: int, num_samples: int, header: dict, chunks) -> int:
-        if num_samples <= 0:
-            raise ValueError(f"client {rank} reported {num_samples} training samples")
-        weight = float(num_samples) if self.weighted else 1.0
-        if self.streaming:
-            # One update streams in at a time: the others wait in gRPC's flow-control window (about a
-            # chunk each), so the server never holds N clients' in-flight data at once.
-            with self._fold_slot:
-                started = time.time()
-                self.codec.fold(header, chunks, self.aggregator, weight)
-        else:
             started = time.time()
-            update = self.codec.receive(header, chunks)
+            self._take(state, rank, num_samples, header, chunks)
+        except RoundSpoiledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad update is refused alone
+            reason = f"update refused: {type(exc).__name__}: {exc}"
             with self.cond:
-                self.updates[rank] = (update, weight)
+                spoiled = state.status.get(rank) == "combining" and self.strategy.running.folds > before
+                state.fail(rank, reason)
+                self.cond.notify_all()
+            if self.lockstep is not None:
+                self.lockstep.drop(rank, reason)
+            if spoiled:
+                raise RoundSpoiledError(f"client {rank} failed after part of its update was added to the running "
+                                        f"sum ({reason}); the sum cannot be taken back "
+                                        "(optimization.aggregation=false keeps whole updates)") from exc
+            return False, reason
         with self.cond:
             self.transfers.append({"direction": "update", "rank": rank, "bytes": header["total_bytes"],
                                    "seconds": time.time() - started})
-            self.received.add(rank)
+            state.set(rank, "done")
             self.cond.notify_all()
-            return len(self.received)
+        return True, ""
+
+    def _take(self, state: RoundState, rank: int, num_samples: int, header: dict, chunks) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"client {rank} reported {num_samples} training samples")
+        weight = self.strategy.weight(num_samples)
+        if not self.streaming:
+            update = self.codec.receive(header, chunks)
+            self.layout.check_matches(serde.Layout.of(update))
+            with self.cond:
+                self.strategy.accept(rank, weight, update)
+        elif self.strategy.combine == "coordinate":
+            self.lockstep.feed(rank, self.codec.aligned_chunks(header, chunks, self.layout))
+        else:
+            # One update is added at a time, in rank order: the others wait in gRPC's flow-control window (about a
+            # chunk each), and the sum is the same float whatever order the updates arrive in.
+            with self.cond:
+                self.cond.wait_for(lambda: state.turn() == rank or self.errors)
+                if self.errors:
+                    raise RuntimeError(f"server failed: {self.errors[0]}")
+                state.set(rank, "combining")
+            self.codec.fold(header, chunks, self.strategy.running, weight)
 
     def record_error(self, exc: BaseException) -> None:
         with self.cond:
             self.errors.append(exc)
             self.cond.notify_all()
+
+    def _fail(self, rank: int, reason: str) -> None:
+        """Take ``rank`` out of the current round (lock held)."""
+        if self.current is not None and self.current.fail(rank, reason) is not None and self.lockstep is not None:
+            self.lockstep.drop(rank, reason)  # lock order: server, then lockstep (never the other way)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.num_clients:
@@ -149,40 +206,70 @@ class FedAvgServer:
                              f"{self.num_clients}); start clients with role.rank below num_clients")
 
     # ---------------------------------------------------------------- the rounds
-    def _wait(self, predicate, what: str) -> None:
+    def _wait(self, predicate, timeout_s: float) -> bool:
         with self.cond:
-            if not self.cond.wait_for(lambda: predicate() or self.errors, self.round_timeout_s):
-                raise RoundTimeoutError(f"{what} within {self.round_timeout_s:g} s (timeouts.round_s); "
-                                        "a client is missing, slow or dead")
+            done = self.cond.wait_for(lambda: predicate() or self.errors, timeout_s)
             if self.errors:
                 raise self.errors[0]
+            return bool(done)
 
-    def _publish(self, round_idx: int) -> None:
+    def _begin(self, r: int) -> RoundState:
+        """Sample round ``r``'s clients and publish the round-``r`` global model."""
+        if r == 0:  # the clients start while the server does: wait (bounded) until each has joined or left
+            self._wait(lambda: len(self.joined | set(self.departed)) == self.num_clients, self.round_timeout_s)
         with self.cond:
-            self.published = round_idx
-            self.received = set()
+            available = sorted(self.joined - set(self.departed))
+            try:
+                sampled = self.strategy.sample(r, available, self.seed)
+            except ValueError as exc:
+                raise RoundFailedError(f"{exc}; left: {self.departed or 'none'}") from None
+            self.strategy.begin_round(r, self.state)
+            self.current = RoundState(r, sampled)
+            if self.streaming and self.strategy.combine == "coordinate":
+                self.lockstep = AlignedChunks(self.layout, self.codec.chunk_size, sampled,
+                                              lambda offset, datas: self.strategy.reduce_chunk(
+                                                  self.layout, offset, datas, self.state), self.round_timeout_s)
+            self.published = r
             self.cond.notify_all()
+            return self.current
 
     def run(self) -> list[dict]:
-        """Run all rounds; returns one metrics record per round."""
-        self._publish(0)
+        """Run all rounds; returns one metrics record per round.
+
+        Raises:
+            RoundFailedError: a round's updates do not satisfy the strategy's failure policy.
+            RoundSpoiledError: a client failed after part of its update was combined.
+            RoundTimeoutError: the final model was not fetched in time.
+        """
+        try:
+            return self._run()
+        finally:
+            self.finished.set()
+
+    def _run(self) -> list[dict]:
         for r in range(self.rounds):
             started = time.time()
             with self.phases.fl("receive", r):
-                self._wait(lambda: len(self.received) == self.num_clients,
-                           f"round {r}: only {len(self.received)} of {self.num_clients} client updates arrived")
+                state = self._begin(r)
+                if not self._wait(state.settled, self.round_timeout_s):
+                    with self.cond:  # clients that sent nothing in time are out; streams under way may finish
+                        for rank in state.pending():
+                            self._fail(rank, f"late: no update within {self.round_timeout_s:g} s (timeouts.round_s)")
+                        self.cond.notify_all()
+                    if not self._wait(state.settled, self.round_timeout_s):
+                        raise RoundFailedError(f"round {r}: updates still streaming after 2 x timeouts.round_s")
+                with self.cond:
+                    if self.lockstep is not None and self.lockstep.spoiled:
+                        raise RoundSpoiledError(self.lockstep.spoiled)
+                    self.strategy.check_round(r, state.arrived(), state.failures)
             with self.phases.fl("aggregate", r):
                 agg_start = time.time()
-                if self.streaming:
-                    self.aggregator.finalize_into(self.state)
-                else:
-                    ordered = [self.updates[k] for k in sorted(self.updates)]
-                    self.model.load_state_dict(aggregate(ordered))
-                    self.updates = {}  # the original path holds the N models until here
-                    del ordered
-                    if self.codec.release:
-                        gc.collect()
-                record = {"round": r, "aggregate_s": time.time() - agg_start}
+                metrics = self.strategy.end_round(r, self.state, self.streaming)
+                self.lockstep = None
+                if self.codec.release:
+                    gc.collect()
+                record = {"round": r, "strategy": self.strategy.name, **state.record(), **metrics,
+                          "aggregate_s": time.time() - agg_start}
                 if self.test_data is None:
                     self._end_round(r, record, started)
             if self.test_data is not None:
@@ -191,8 +278,10 @@ class FedAvgServer:
                     record.update({f"test_{k}": v for k, v in scores.items()})
                     self._end_round(r, record, started)
         with self.phases.fl("serve final", self.rounds):
-            self._wait(lambda: len(self.final_fetched) == self.num_clients,
-                       f"only {len(self.final_fetched)} of {self.num_clients} clients fetched the final model")
+            live = lambda: self.joined - set(self.departed) - self.final_fetched  # noqa: E731
+            if not self._wait(lambda: not live(), self.round_timeout_s):
+                raise RoundTimeoutError(f"client(s) {sorted(live())} did not fetch the final model within "
+                                        f"{self.round_timeout_s:g} s (timeouts.round_s)")
         return self.history
 
     def _end_round(self, r: int, record: dict, started: float) -> None:
@@ -204,4 +293,8 @@ class FedAvgServer:
         if self.status:
             self.status.metric(record)
             self.status.update(phase="training", rounds_done=r + 1, test_accuracy=record.get("test_accuracy"))
-        self._publish(r + 1)
+        if r + 1 == self.rounds:
+            with self.cond:
+                self.current = None
+                self.published = self.rounds
+                self.cond.notify_all()

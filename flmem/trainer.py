@@ -62,15 +62,19 @@ class Trainer:
             original and optimized paths see the same batches.
         optimized: clone/in-place instead of deepcopy/out-of-place.
         release: drop the round's copies as soon as they are dead.
+        proximal_mu: FedProx's mu (Li et al., 2020): each step minimizes loss + (mu / 2) * ||w - w_global||^2,
+            w_global being the round's global model, which the trainer keeps anyway (see the module docstring).
+            The recorded loss is the task loss alone on both paths.
     """
 
     def __init__(self, model: nn.Module, dataset, *, batch_size: int, local_steps: int, optimizer: str,
-                 lr: float, seed: int, rank: int, optimized: bool, release: bool):
+                 lr: float, seed: int, rank: int, optimized: bool, release: bool, proximal_mu: float = 0.0):
         self.model, self.dataset = model, dataset
         self.batch_size, self.local_steps = batch_size, local_steps
         self.optimizer_name, self.lr = optimizer, lr
         self.seed, self.rank = seed, rank
         self.optimized, self.release = optimized, release
+        self.proximal_mu = float(proximal_mu)
         self.previous = None
         self.optimizer = None
 
@@ -100,9 +104,15 @@ class Trainer:
             x, y = next(batches)
             self.optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.model(x).flatten(0, -2), y.flatten())
-            loss.backward()
-            self.optimizer.step()
             losses.append(loss.item())
+            if self.proximal_mu and not self.optimized:  # FedProx as common code writes it: a term in the graph
+                proximal = sum((p - g).norm(2) ** 2 for p, g in zip(self.model.parameters(),
+                                                                     self.previous.parameters()))
+                loss = loss + (self.proximal_mu / 2) * proximal
+            loss.backward()
+            if self.proximal_mu and self.optimized:
+                self._add_proximal_gradient()
+            self.optimizer.step()
         update_norm = self._update_norm()
         if self.release:
             self.previous = self.optimizer = None
@@ -110,6 +120,14 @@ class Trainer:
             gc.collect()
         return {"loss": sum(losses) / len(losses), "update_norm": update_norm, "steps": self.local_steps,
                 "samples": self.num_samples}
+
+    @torch.no_grad()
+    def _add_proximal_gradient(self) -> None:
+        # Removes the proximal term's autograd graph (a difference, a norm and their gradients per tensor): its
+        # gradient mu * (w - w_global) is added to each parameter's gradient in place.
+        for p, g in zip(self.model.parameters(), self.previous):
+            if p.grad is not None:
+                p.grad.add_(p, alpha=self.proximal_mu).sub_(g, alpha=self.proximal_mu)
 
     @torch.no_grad()
     def _update_norm(self) -> float:

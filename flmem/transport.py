@@ -1,14 +1,14 @@
 """The gRPC layer: maps the ``FederatedLearning`` service onto plain FL objects and chunk streams.
 
 Nothing above this module sees a protobuf message: the server side calls a
-:class:`~flmem.server.FedAvgServer`'s ``global_model``/``receive_update``, the client side
-gets ``(header, finished, chunks)`` where chunks are ``(offset, bytes)`` pairs.
+:class:`~flmem.server.RoundServer`'s ``join``/``global_model``/``receive_update``, the client side
+gets ``(header, finished, chunks)`` where chunks are ``(offset, bytes)`` pairs, or :class:`Skip`.
 Send and receive limits on both sides come from one value, ``transport.max_message_bytes``.
 """
 from __future__ import annotations
 
 from concurrent import futures
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import grpc
 
@@ -18,6 +18,16 @@ from flmem.proto import flmem_pb2, flmem_pb2_grpc
 
 class TransportError(RuntimeError):
     """A gRPC call failed; the message carries the peer's reason."""
+
+
+class Skip(NamedTuple):
+    """The server's answer to a fetch when this client does not train in the asked round."""
+    next_round: int  # the round to ask for next
+
+
+class PushResult(NamedTuple):
+    accepted: bool
+    reason: str  # why the update was refused ("" when accepted)
 
 
 def channel_options(max_message_bytes: int, lean: bool = False) -> list[tuple[str, int]]:
@@ -36,11 +46,24 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
     def __init__(self, fl_server):
         self.fl = fl_server
 
+    def Join(self, request, context):
+        try:
+            self.fl.join(request.client_rank)
+        except Exception as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
+        context.add_callback(lambda: self.fl.leave(request.client_rank))
+        while context.is_active() and not self.fl.finished.wait(1.0):  # frees this thread soon after a client dies
+            pass
+        yield from ()
+
     def FetchGlobalModel(self, request, context):
         try:
             header, finished, chunks = self.fl.global_model(request.round, request.client_rank)
         except Exception as exc:  # report to the client instead of a bare "Exception calling application"
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
+        if header is None:
+            yield flmem_pb2.ModelChunk(skip=True, round=finished)
+            return
         yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=request.round, finished=finished)
         for offset, data in chunks:
             yield flmem_pb2.ModelChunk(offset=offset, data=data)
@@ -50,12 +73,16 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         try:
             first = next(request_iterator)
             header = serde.loads_header(first.header)
-            chunks = ((m.offset, m.data) for m in request_iterator)
-            received = self.fl.receive_update(first.round, first.client_rank, first.num_samples, header, chunks)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a malformed stream is refused alone
+            return flmem_pb2.PushReply(accepted=False, reason=f"malformed update: {type(exc).__name__}: {exc}")
+        chunks = ((m.offset, m.data) for m in request_iterator)
+        try:
+            accepted, reason = self.fl.receive_update(first.round, first.client_rank, first.num_samples, header,
+                                                      chunks)
+        except Exception as exc:  # the round cannot go on: the server fails, and says why to every client
             self.fl.record_error(exc)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
-        return flmem_pb2.PushReply(round=first.round, received=received)
+        return flmem_pb2.PushReply(round=first.round, accepted=accepted, reason=reason)
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
@@ -90,6 +117,12 @@ class ServerConnection:
         self.timeout = rpc_timeout_s
         self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes, lean))
         self.stub = flmem_pb2_grpc.FederatedLearningStub(self.channel)
+        self.presence = None
+
+    def join(self, rank: int) -> None:
+        """Open this client's presence stream (held until :meth:`close`): the server then learns at once when
+        this process is gone, instead of waiting for its update until ``timeouts.round_s``."""
+        self.presence = self.stub.Join(flmem_pb2.JoinRequest(client_rank=rank))
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the server accepts connections; TransportError after ``timeout_s`` seconds."""
@@ -99,8 +132,9 @@ class ServerConnection:
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
                                  "check server.address and that the server role runs") from None
 
-    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]]:
-        """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``."""
+    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip:
+        """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``, or :class:`Skip`
+        when this client does not train in that round."""
         stream = self.stub.FetchGlobalModel(flmem_pb2.FetchRequest(client_rank=rank, round=round_idx),
                                             timeout=self.timeout)
         try:
@@ -108,23 +142,29 @@ class ServerConnection:
         except grpc.RpcError as exc:
             raise TransportError(f"fetching the round-{round_idx} global model from {self.address}: "
                                  f"{exc.code().name}: {exc.details()}") from None
+        if first.skip:
+            stream.cancel()
+            return Skip(first.round)
         return serde.loads_header(first.header), first.finished, _chunks(stream, self.address)
 
     def push(self, round_idx: int, rank: int, num_samples: int, header: dict,
-             chunks: Iterable[serde.Chunk]) -> int:
-        """Send one client update; returns how many updates the server holds for the round."""
+             chunks: Iterable[serde.Chunk]) -> PushResult:
+        """Send one client update; the server may refuse it (the client is then out of that round only)."""
         def messages():
             yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=round_idx, client_rank=rank,
                                        num_samples=num_samples)
             for offset, data in chunks:
                 yield flmem_pb2.ModelChunk(offset=offset, data=data)
         try:
-            return self.stub.PushUpdate(messages(), timeout=self.timeout).received
+            reply = self.stub.PushUpdate(messages(), timeout=self.timeout)
+            return PushResult(reply.accepted, reply.reason)
         except grpc.RpcError as exc:
             raise TransportError(f"sending the round-{round_idx} update of client {rank} to {self.address}: "
                                  f"{exc.code().name}: {exc.details()}") from None
 
     def close(self) -> None:
+        if self.presence is not None:
+            self.presence.cancel()
         self.channel.close()
 
 

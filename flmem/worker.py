@@ -87,7 +87,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem.codec import ModelCodec
     from flmem.phases import PhaseLog, memory_reading
     from flmem.serde import model_bytes
-    from flmem.server import FedAvgServer
+    from flmem.server import RoundServer
     from flmem.status import StatusWriter, write_json
     from flmem.trainer import Perturber, Trainer
     from flmem.transport import ServerConnection, serve
@@ -105,14 +105,15 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     if role == "server":
         with phases.setup("data"):
             test_data = data.test_dataset(cfg.dataset, release=opt.release) if cfg.evaluate else None
-            fl = FedAvgServer(model, test_data, num_clients=int(cfg.num_clients),
-                              rounds=int(cfg.rounds), codec=codec, streaming=opt.aggregation,
-                              weighted=cfg.fedavg.weighted, round_timeout_s=float(cfg.timeouts.round_s),
-                              eval_batch_size=int(cfg.batch_size), status=status, phases=phases)
+        fl = RoundServer(model, test_data, strategy=hydra.utils.instantiate(cfg.strategy),
+                         num_clients=int(cfg.num_clients), rounds=int(cfg.rounds), codec=codec,
+                         streaming=opt.aggregation, seed=int(cfg.seed), round_timeout_s=float(cfg.timeouts.round_s),
+                         eval_batch_size=int(cfg.batch_size), status=status, phases=phases)
         with phases.setup("connect"):
+            # per client at most three calls at once: its presence stream, an update, the next round's fetch
             grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port),
-                                      int(cfg.transport.max_message_bytes), max_workers=int(cfg.num_clients) + 4,
-                                      lean=opt.transport)
+                                      int(cfg.transport.max_message_bytes),
+                                      max_workers=3 * int(cfg.num_clients) + 4, lean=opt.transport)
             write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
             print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
             status.update(phase="waiting for clients", port=port)
@@ -140,7 +141,8 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                 dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
                 trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
                                   optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
-                                  optimized=opt.trainer, release=opt.release)
+                                  optimized=opt.trainer, release=opt.release,
+                                  proximal_mu=hydra.utils.instantiate(cfg.strategy).proximal_mu)
         connection = None
         if cfg.client.mode != "local_only":
             with phases.setup("connect"):

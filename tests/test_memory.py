@@ -9,7 +9,7 @@ import torch
 
 from flmem import serde
 from flmem.codec import ModelCodec
-from flmem.strategy import StreamingFedAvg, aggregate
+from flmem.strategies import RunningSum, aggregate
 
 M = 8_000_000  # model bytes: 2 M float32 values
 CHUNK = 256 * 1024
@@ -32,10 +32,11 @@ def streams(clients, codec):
 
 def server_round(codec, streaming, encoded, target):
     if streaming:
-        agg = StreamingFedAvg(target)
+        agg = RunningSum(target)
         for (header, chunks), weight in encoded:
             codec.fold(header, chunks, agg, weight)
-        agg.finalize_into(target)
+        for name, mean in agg.mean().items():
+            target[name].copy_(mean)
     else:
         updates = [(codec.receive(header, chunks), weight) for (header, chunks), weight in encoded]
         averaged = aggregate(updates)

@@ -79,7 +79,7 @@ def test_original_path_names_the_2gib_protobuf_limit(monkeypatch):
 
 @pytest.mark.parametrize("serde_opt, transport_opt", PATHS)
 def test_truncated_stream_is_an_error_on_every_path(serde_opt, transport_opt):
-    from flmem.strategy import StreamingFedAvg
+    from flmem.strategies import RunningSum
 
     state = sample_state()
     codec = ModelCodec(serde_opt, transport_opt, 1024)
@@ -89,7 +89,7 @@ def test_truncated_stream_is_an_error_on_every_path(serde_opt, transport_opt):
         codec.receive(header, short)
     with pytest.raises(ValueError, match="stream ended after"):
         codec.receive_into(header, short, {k: torch.zeros_like(v).contiguous() for k, v in state.items()})
-    agg = StreamingFedAvg(state)
+    agg = RunningSum(state)
     with pytest.raises(ValueError, match="stream ended after"):
         codec.fold(header, short, agg, 1.0)
     assert agg.num_updates == 0  # a partial update is not counted as one

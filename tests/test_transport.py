@@ -9,7 +9,8 @@ from flmem import data
 from flmem.client import run_client
 from flmem.codec import ModelCodec
 from flmem.models import SmallCNN
-from flmem.server import FedAvgServer
+from flmem.server import RoundServer
+from flmem.strategies import FedAvg
 from flmem.trainer import Trainer
 from flmem.transport import ServerConnection, TransportError, serve
 
@@ -18,23 +19,24 @@ DS = OmegaConf.create({"name": "synthetic", "root": None, "download": False, "ch
                        "test_samples": 64, "partition": "iid", "alpha": 0.5, "seed": 0})
 
 
-def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024):
+def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, strategy=None, proximal_mu=0.0):
+    """A whole job in this process: a RoundServer and ``num_clients`` client threads over real gRPC."""
     torch.manual_seed(0)
     codec = ModelCodec(optimized, optimized, chunk_size, release=optimized)
-    fl = FedAvgServer(SmallCNN(), data.test_dataset(DS), num_clients=num_clients, rounds=rounds, codec=codec,
-                      streaming=optimized, round_timeout_s=60)
-    server, port = serve(fl, "127.0.0.1", 0, 4 * 2**20, max_workers=num_clients + 4)
-    finals, errors = {}, []
+    fl = RoundServer(SmallCNN(), data.test_dataset(DS), strategy=strategy or FedAvg(), num_clients=num_clients,
+                     rounds=rounds, codec=codec, streaming=optimized, round_timeout_s=60)
+    server, port = serve(fl, "127.0.0.1", 0, 4 * 2**20, max_workers=3 * num_clients + 4)
+    finals, histories, errors = {}, {}, []
 
     def client(rank):
         try:
             model = SmallCNN()
             trainer = Trainer(model, data.client_dataset(DS, rank, num_clients, release=optimized), batch_size=8,
                               local_steps=2, optimizer="sgd", lr=0.05, seed=0, rank=rank, optimized=optimized,
-                              release=optimized)
+                              release=optimized, proximal_mu=proximal_mu)
             conn = ServerConnection(f"127.0.0.1:{port}", 4 * 2**20, 60)
             conn.wait_ready(10)
-            run_client(conn, trainer, codec, rank=rank, rounds=rounds)
+            histories[rank] = run_client(conn, trainer, codec, rank=rank, rounds=rounds)
             finals[rank] = {k: v.clone() for k, v in model.state_dict().items()}
             conn.close()
         except Exception as exc:  # surfaced below
@@ -43,23 +45,26 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024):
     threads = [threading.Thread(target=client, args=(k,)) for k in range(num_clients)]
     for t in threads:
         t.start()
-    history = fl.run()
-    for t in threads:
-        t.join(60)
-    server.stop(0)
+    try:
+        history = fl.run()
+    finally:
+        for t in threads:
+            t.join(60)
+        server.stop(0)
     assert not errors, errors
-    return fl.model.state_dict(), finals, history
+    return fl.model.state_dict(), finals, history, histories
 
 
 def test_original_and_optimized_give_the_same_global_model():
-    original, finals_o, hist_o = federate(optimized=False)
-    optimized, finals_p, hist_p = federate(optimized=True)
+    original, finals_o, hist_o, _ = federate(optimized=False)
+    optimized, finals_p, hist_p, _ = federate(optimized=True)
     assert [h["round"] for h in hist_o] == [0, 1] and len(hist_p) == 2
-    for name in original:  # two clients: the same sums in the same order on both paths
+    for name in original:
         assert torch.equal(original[name], optimized[name]), name
         for finals in (finals_o, finals_p):  # every client ends holding the server's final global model
             assert torch.equal(finals[0][name], finals[1][name])
-    assert hist_o[-1]["test_accuracy"] == pytest.approx(hist_p[-1]["test_accuracy"], abs=1 / 64)
+    assert hist_o[-1]["test_accuracy"] == hist_p[-1]["test_accuracy"]
+    assert hist_p[0]["sampled"] == [0, 1] and hist_p[0]["updates"] == 2 and hist_p[0]["failures"] == []
 
 
 def test_unknown_server_address_is_a_clear_timeout(free_port):

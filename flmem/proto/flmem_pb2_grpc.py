@@ -44,6 +44,11 @@ class FederatedLearningStub:
                 request_serializer=flmem_dot_proto_dot_flmem__pb2.ModelChunk.SerializeToString,
                 response_deserializer=flmem_dot_proto_dot_flmem__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_stream(
+                '/flmem.FederatedLearning/Join',
+                request_serializer=flmem_dot_proto_dot_flmem__pb2.JoinRequest.SerializeToString,
+                response_deserializer=flmem_dot_proto_dot_flmem__pb2.JoinReply.FromString,
+                _registered_method=True)
 
 
 class FederatedLearningServicer:
@@ -63,6 +68,14 @@ class FederatedLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """A client's presence: held open from connecting to leaving; the server learns that a client is gone
+        (its process exited) when this stream closes, instead of waiting for its update until a timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_FederatedLearningServicer_to_server(servicer, server):
                     servicer.PushUpdate,
                     request_deserializer=flmem_dot_proto_dot_flmem__pb2.ModelChunk.FromString,
                     response_serializer=flmem_dot_proto_dot_flmem__pb2.PushReply.SerializeToString,
+            ),
+            'Join': grpc.unary_stream_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=flmem_dot_proto_dot_flmem__pb2.JoinRequest.FromString,
+                    response_serializer=flmem_dot_proto_dot_flmem__pb2.JoinReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class FederatedLearning:
             '/flmem.FederatedLearning/PushUpdate',
             flmem_dot_proto_dot_flmem__pb2.ModelChunk.SerializeToString,
             flmem_dot_proto_dot_flmem__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flmem.FederatedLearning/Join',
+            flmem_dot_proto_dot_flmem__pb2.JoinRequest.SerializeToString,
+            flmem_dot_proto_dot_flmem__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,64 @@
+"""One round's participation: which clients were sampled, whose update arrived, who failed and why.
+
+Status of a sampled client in the round: ``pending`` (no update yet), ``receiving`` (its stream is being read),
+``combining`` (its values are being added into the round's aggregate; a failure now spoils the aggregate),
+``done`` or ``failed``. The server holds the lock around every call (see :class:`flmem.server.RoundServer`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+OPEN = ("pending", "receiving", "combining")
+
+
+class UpdateRefused(ValueError):
+    """An update is refused before any of it was used (wrong round, not sampled, a repeat, a bad header...)."""
+
+
+class RoundState:
+    """Bookkeeping of round ``round_idx`` for the clients in ``sampled`` (sorted ranks)."""
+
+    def __init__(self, round_idx: int, sampled: Sequence[int]):
+        self.round = round_idx
+        self.sampled = sorted(sampled)
+        self.status = {rank: "pending" for rank in self.sampled}
+        self.failures: list[dict] = []
+
+    def claim(self, rank: int) -> None:
+        """Client ``rank`` starts sending its update. Raises UpdateRefused when it may not."""
+        if rank not in self.status:
+            raise UpdateRefused(f"client {rank} was not sampled for round {self.round} (sampled: {self.sampled})")
+        if self.status[rank] != "pending":
+            what = "failed in" if self.status[rank] == "failed" else "already sent an update for"
+            raise UpdateRefused(f"client {rank} {what} round {self.round}")
+        self.status[rank] = "receiving"
+
+    def set(self, rank: int, status: str) -> None:
+        if self.status.get(rank) in OPEN:
+            self.status[rank] = status
+
+    def fail(self, rank: int, reason: str) -> str | None:
+        """Remove ``rank`` from the round; returns its status before (None if it had already settled)."""
+        before = self.status.get(rank)
+        if before not in OPEN:
+            return None
+        self.status[rank] = "failed"
+        self.failures.append({"rank": rank, "reason": reason})
+        return before
+
+    def turn(self) -> int | None:
+        """The rank whose update is added next: updates are added in rank order, so the sum is the same float
+        whatever order they arrive in."""
+        return next((k for k in self.sampled if self.status[k] in OPEN), None)
+
+    def settled(self) -> bool:
+        return all(s not in OPEN for s in self.status.values())
+
+    def arrived(self) -> list[int]:
+        return [k for k in self.sampled if self.status[k] == "done"]
+
+    def pending(self) -> list[int]:
+        return [k for k in self.sampled if self.status[k] == "pending"]
+
+    def record(self) -> dict:
+        return {"sampled": list(self.sampled), "updates": len(self.arrived()), "failures": list(self.failures)}
