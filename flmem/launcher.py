@@ -172,6 +172,7 @@ class Job:
         self.progress = progress  # flmem.report.RoleProgress or None
         self.roles: list[Role] = []
         self.failure: dict | None = None
+        self.client_failures: list[dict] = []  # clients that failed while the job went on without them
 
     # ------------------------------------------------------------------ start
     def prepare(self, dir_key: str = "hydra.run.dir") -> Path:
@@ -236,17 +237,36 @@ class Job:
                       flush=True)
 
     # ------------------------------------------------------------------ watch
+    def _tolerated(self, failed: list[Role]) -> bool:
+        """Whether the server may still finish without the ``failed`` roles: all of them clients of a local job
+        with a server, and enough clients left for the strategy's ``min_fit_clients`` (unless
+        ``accept_failures`` is false). The server decides round by round; this only saves waiting for it."""
+        if self.cfg.role.name != "local" or not any(r.name == "server" for r in self.roles):
+            return False
+        if any(r.name == "server" for r in failed):
+            return False
+        policy = self.cfg.get("strategy") or {}
+        left = int(self.cfg.num_clients) - len(failed)
+        return bool(policy.get("accept_failures", True)) and left >= int(policy.get("min_fit_clients", 1))
+
     def watch(self) -> None:
-        """Wait for every role; on the first failure or at ``timeouts.job_s``, stop the others."""
+        """Wait for every role; at a failure the server cannot outlive (see :meth:`_tolerated`) or at
+        ``timeouts.job_s``, stop the others. Tolerated client failures are kept in ``self.client_failures``."""
         deadline = time.time() + float(self.cfg.timeouts.job_s)
         while True:
             if self.progress:
                 self.progress.update(self.roles)
             codes = {r.name: r.returncode for r in self.roles}
             failed = [r for r in self.roles if r.returncode not in (None, 0)]
-            if failed:
-                self.failure = {"role": failed[0].name, "reason": failed[0].failure_reason()}
+            self.client_failures = [{"role": r.name, "reason": r.failure_reason()} for r in failed]
+            if failed and not self._tolerated(failed):
+                first = next((r for r in failed if r.name == "server"), failed[0])
+                self.failure = {"role": first.name, "reason": first.failure_reason()}
+                if first.name != "server":
+                    self.failure["reason"] += self._policy_note(failed)
                 break
+            if all(c is not None for c in codes.values()) and failed:
+                break  # the server finished without the failed clients
             if all(c == 0 for c in codes.values()):
                 break
             if time.time() > deadline:
@@ -258,6 +278,14 @@ class Job:
         self.stop()
         if self.progress:
             self.progress.update(self.roles)
+
+    def _policy_note(self, failed: list[Role]) -> str:
+        if self.cfg.role.name != "local" or len(self.roles) == len(failed):
+            return ""
+        policy = self.cfg.get("strategy") or {}
+        return (f" ({len(failed)} of {self.cfg.num_clients} clients failed; strategy.min_fit_clients="
+                f"{policy.get('min_fit_clients', 1)}, strategy.accept_failures="
+                f"{str(policy.get('accept_failures', True)).lower()})")
 
     def stop(self) -> None:
         """SIGTERM every live role at once (the worker turns it into SystemExit, so its capture is closed),
@@ -287,6 +315,7 @@ class Job:
         return {
             "status": "failed" if failure else "completed",
             "failure": failure,
+            "client_failures": [] if failure else self.client_failures,
             "summarized": summarized,
             "role": self.cfg.role.name,
             "overrides": self.overrides,

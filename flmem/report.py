@@ -130,6 +130,8 @@ def log_result(result: dict) -> None:
         log.info("%s: peak heap %s MiB (%s bytes), working %s MiB, peak RSS %s MiB; flamegraph %s", name,
                  _mib(s.get("peak_heap_bytes")), s.get("peak_heap_bytes"), _mib(s.get("working_heap_bytes")),
                  _mib(s.get("peak_rss_bytes")), s.get("flamegraph") or "none")
+    for dropped in result.get("client_failures") or []:
+        log.info("the job went on without %s: %s", dropped.get("role"), dropped.get("reason"))
     log.info("result: %s", Path(result["job_dir"]) / "result.json")
 
 
@@ -148,6 +150,9 @@ def print_result(result: dict, console: Console | None = None) -> None:
     for name, s in result.get("roles", {}).items():
         where = s.get("flamegraph") or f"no flamegraph: {s.get('capture_error') or s.get('flamegraph_error')}"
         console.print(f"  {name}: {escape(str(where))}", soft_wrap=True, highlight=False)
+    for dropped in result.get("client_failures") or []:
+        console.print(f"[yellow]the job went on without {escape(str(dropped.get('role')))}[/] (strategy policy): "
+                      f"{escape(str(dropped.get('reason')))}", soft_wrap=True)
     if result["status"] != "completed":
         failure = result.get("failure") or {}
         console.print(f"[bold red]job failed[/] in {escape(str(failure.get('role')))}: "

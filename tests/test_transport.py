@@ -10,7 +10,7 @@ from flmem.client import run_client
 from flmem.codec import ModelCodec
 from flmem.models import SmallCNN
 from flmem.server import RoundServer
-from flmem.strategies import FedAvg
+from flmem.strategies import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedYogi, RoundFailedError, TrimmedMean
 from flmem.trainer import Trainer
 from flmem.transport import ServerConnection, TransportError, serve
 
@@ -19,8 +19,15 @@ DS = OmegaConf.create({"name": "synthetic", "root": None, "download": False, "ch
                        "test_samples": 64, "partition": "iid", "alpha": 0.5, "seed": 0})
 
 
-def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, strategy=None, proximal_mu=0.0):
-    """A whole job in this process: a RoundServer and ``num_clients`` client threads over real gRPC."""
+class Quit(Exception):
+    """A client stops in the middle of a round (its connection closes, as when its process dies)."""
+
+
+def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, strategy=None, proximal_mu=0.0,
+             quit=None):
+    """A whole job in this process: a RoundServer and ``num_clients`` client threads over real gRPC.
+    ``quit``: {rank: round} clients that leave while training that round."""
+    quit = quit or {}
     torch.manual_seed(0)
     codec = ModelCodec(optimized, optimized, chunk_size, release=optimized)
     fl = RoundServer(SmallCNN(), data.test_dataset(DS), strategy=strategy or FedAvg(), num_clients=num_clients,
@@ -34,11 +41,18 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, str
             trainer = Trainer(model, data.client_dataset(DS, rank, num_clients, release=optimized), batch_size=8,
                               local_steps=2, optimizer="sgd", lr=0.05, seed=0, rank=rank, optimized=optimized,
                               release=optimized, proximal_mu=proximal_mu)
+            if rank in quit:
+                train = trainer.train_round
+                trainer.train_round = lambda r: (_ for _ in ()).throw(Quit()) if r == quit[rank] else train(r)
             conn = ServerConnection(f"127.0.0.1:{port}", 4 * 2**20, 60)
             conn.wait_ready(10)
-            histories[rank] = run_client(conn, trainer, codec, rank=rank, rounds=rounds)
-            finals[rank] = {k: v.clone() for k, v in model.state_dict().items()}
-            conn.close()
+            try:
+                histories[rank] = run_client(conn, trainer, codec, rank=rank, rounds=rounds)
+                finals[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+            finally:
+                conn.close()
+        except Quit:
+            pass
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -47,6 +61,9 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, str
         t.start()
     try:
         history = fl.run()
+    except BaseException as exc:
+        fl.record_error(exc)  # as the worker does: waiting clients hear why
+        raise
     finally:
         for t in threads:
             t.join(60)
@@ -81,3 +98,60 @@ def test_busy_port_is_refused(free_port):
             serve(fl, "127.0.0.1", port, 2**20, 2)
     finally:
         first.stop(0)
+
+
+STRATEGIES = {"fedavg": FedAvg, "fedadam": lambda: FedAdam(eta=0.01), "fedyogi": lambda: FedYogi(eta=0.01),
+              "fedadagrad": lambda: FedAdagrad(eta=0.01), "fedmedian": FedMedian, "trimmed_mean": TrimmedMean}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_gives_the_same_global_model_on_both_paths(name):
+    # Three clients: their updates arrive in any order, and both paths still add them in rank order.
+    runs = [federate(optimized=opt, num_clients=3, strategy=STRATEGIES[name](), chunk_size=16 * 1024)
+            for opt in (False, True)]
+    (original, _, hist_o, _), (optimized, finals, hist_p, _) = runs
+    for key in original:
+        assert torch.equal(original[key], optimized[key]), key
+        assert torch.equal(finals[2][key], optimized[key])
+    assert [h["test_accuracy"] for h in hist_o] == [h["test_accuracy"] for h in hist_p]
+    assert hist_p[-1]["strategy"] == type(STRATEGIES[name]()).__name__
+
+
+def test_fedprox_paths_agree_within_float_rounding():
+    # The original path differentiates (mu/2)||w - w_g||^2 through autograd (a norm, squared); the optimized one
+    # adds mu (w - w_g) to the gradient in place: the same gradient, rounded differently.
+    (original, *_), (optimized, *_) = [federate(optimized=opt, strategy=FedProx(proximal_mu=0.5), proximal_mu=0.5)
+                                       for opt in (False, True)]
+    (plain, *_) = federate(optimized=True)
+    for key in original:
+        assert torch.allclose(original[key].float(), optimized[key].float(), rtol=1e-4, atol=1e-6), key
+    assert any(not torch.allclose(plain[k].float(), optimized[k].float(), atol=1e-6) for k in plain)  # mu matters
+
+
+def test_sampled_clients_train_and_the_others_wait():
+    strategy = FedAvg(fraction_fit=0.5)
+    state, finals, history, histories = federate(optimized=True, num_clients=4, rounds=3, strategy=strategy)
+    for record in history:
+        assert record["sampled"] == strategy.sample(record["round"], range(4), 0) and record["updates"] == 2
+    for rank, records in histories.items():
+        trained = [h["round"] for h in records if h.get("sampled", True)]
+        assert trained == [h["round"] for h in history if rank in h["sampled"]]
+        assert all(set(h) == {"round", "sampled"} for h in records if not h.get("sampled", True))
+        assert all(torch.equal(finals[rank][k], state[k]) for k in state)  # every client fetched the final model
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+@pytest.mark.parametrize("strategy", [FedAvg, FedMedian])
+def test_a_client_that_leaves_mid_round_is_dropped_and_the_job_goes_on(optimized, strategy):
+    state, finals, history, histories = federate(optimized=optimized, num_clients=3, rounds=3,
+                                                 strategy=strategy(), quit={1: 1})
+    assert [h["updates"] for h in history] == [3, 2, 2]
+    assert history[1]["failures"][0]["rank"] == 1 and "connection closed" in history[1]["failures"][0]["reason"]
+    assert history[2]["sampled"] == [0, 2]  # gone clients are not sampled again
+    assert set(finals) == {0, 2} and all(torch.equal(finals[0][k], state[k]) for k in state)
+
+
+def test_too_few_updates_end_the_job_with_the_count_and_reasons():
+    with pytest.raises(RoundFailedError, match=r"round 1: only 2 client update\(s\) arrived, "
+                                               r"strategy.min_fit_clients=3.*client 1: left the job"):
+        federate(optimized=True, num_clients=3, rounds=2, strategy=FedAvg(min_fit_clients=3), quit={1: 1})
