@@ -136,9 +136,52 @@ def repeat_spread(medians: dict) -> list[str]:
     return lines
 
 
+#: strategy -> (role, what the target bounds, bound in M, plus N chunks?) for the optimized path on ResNet-18
+STRATEGY_TARGETS = {"fedavg": ("server", 2.5, False), "fedadam": ("server", 4.5, False),
+                    "fedmedian": ("server", 2.5, True)}
+CHUNK_BYTES = 262144  # transport.chunk_size (the experiment keeps the default)
+
+
+def strategies(medians: dict) -> list[str]:
+    """Working memory per strategy and path, by N, with the optimized path's targets marked met or missed."""
+    ns = sorted({int(dict(k)["num_clients"]) for k in medians if "num_clients" in dict(k)})
+    names = sorted({dict(k)["strategy"] for k in medians if "strategy" in dict(k)})
+    lines = ["Working memory in units of M (peak heap minus the baseline, sampled peak), by number of clients:", "",
+             "| strategy | path | " + " | ".join(f"server N={n}" for n in ns) + " | "
+             + " | ".join(f"client N={n}" for n in ns) + " |", "|---|---|" + "---|" * (2 * len(ns))]
+    for name in names:
+        for label, flag in (("original", False), ("optimized", True)):
+            picked = [_pick(medians, strategy=name, num_clients=n, optimize=flag) for n in ns]
+            lines.append(f"| {name} | {label} | " + " | ".join(_in_m_text(m, "server_work") for m in picked) + " | "
+                         + " | ".join(_in_m_text(m, "client_work") for m in picked) + " |")
+    lines += ["", "Targets of the optimized path (server working memory, ResNet-18):", ""]
+    for name, (role, bound, chunks) in STRATEGY_TARGETS.items():
+        for n in ns:
+            med = _pick(medians, strategy=name, num_clients=n, optimize=True)
+            limit = bound + (n * CHUNK_BYTES / med["M"] if chunks and med and med.get("M") else 0)
+            value = _in_m(med, f"{role}_work")
+            verdict = "n/a" if value is None else "met" if value <= limit else "missed"
+            lines.append(f"- {name}, N={n}: {role} working {_f(value)} M, target <= {limit:.2f} M"
+                         f"{' (2.5 M + N chunks of 256 KiB)' if chunks else ''}: {verdict}.")
+    for n in ns:
+        prox, avg = (_pick(medians, strategy=s, num_clients=n, optimize=True) for s in ("fedprox", "fedavg"))
+        a, b = _in_m(prox, "client_fl_work"), _in_m(avg, "client_fl_work")
+        diff = None if None in (a, b) else a - b
+        verdict = "n/a" if diff is None else "met" if diff <= 1.1 else "missed"
+        lines.append(f"- fedprox, N={n}: client FL working memory {_f(a)} M vs fedavg's {_f(b)} M: "
+                     f"{_f(diff, '{:+.2f}')} M, target <= +1.1 M: {verdict}.")
+    shares = [m.get("queued_share") for k, m in medians.items()
+              if dict(k).get("optimize", "").lower() == "true" and m.get("queued_share") is not None]
+    if shares:
+        lines.append(f"- Rank-order folding (the optimized sum path adds updates in rank order, so the global model is "
+                     f"the same bits run to run): updates waited for their turn {100 * min(shares):.1f}-"
+                     f"{100 * max(shares):.1f}% of the round wall time (summed over the round's updates).")
+    return lines + [""]
+
+
 def findings(name: str, medians: dict) -> list[str]:
     """Markdown lines of derived comparisons for experiment ``name`` (none for unknown experiments)."""
     fn = {"resnet_scaling": resnet_scaling, "client_overhead": client_overhead, "large_model": large_model,
           "profiling_overhead": profiling_overhead, "round_time": round_time,
-          "repeat_spread": repeat_spread}.get(name)
+          "repeat_spread": repeat_spread, "strategies": strategies}.get(name)
     return fn(medians) if fn else []

@@ -146,7 +146,7 @@ class RoundServer:
         before = self.strategy.running.folds if self.streaming and self.strategy.combine == "sum" else 0
         try:
             started = time.time()
-            self._take(state, rank, num_samples, header, chunks)
+            queued_s = self._take(state, rank, num_samples, header, chunks)
         except RoundSpoiledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bad update is refused alone
@@ -164,12 +164,13 @@ class RoundServer:
             return False, reason
         with self.cond:
             self.transfers.append({"direction": "update", "rank": rank, "bytes": header["total_bytes"],
-                                   "seconds": time.time() - started})
+                                   "seconds": time.time() - started - queued_s, "queued_s": queued_s})
             state.set(rank, "done")
             self.cond.notify_all()
         return True, ""
 
-    def _take(self, state: RoundState, rank: int, num_samples: int, header: dict, chunks) -> None:
+    def _take(self, state: RoundState, rank: int, num_samples: int, header: dict, chunks) -> float:
+        """Receive and combine one update; returns the seconds it waited for its turn (rank order)."""
         if num_samples <= 0:
             raise ValueError(f"client {rank} reported {num_samples} training samples")
         weight = self.strategy.weight(num_samples)
@@ -178,17 +179,21 @@ class RoundServer:
             self.layout.check_matches(serde.Layout.of(update))
             with self.cond:
                 self.strategy.accept(rank, weight, update)
-        elif self.strategy.combine == "coordinate":
+            return 0.0
+        if self.strategy.combine == "coordinate":
             self.lockstep.feed(rank, self.codec.aligned_chunks(header, chunks, self.layout))
-        else:
-            # One update is added at a time, in rank order: the others wait in gRPC's flow-control window (about a
-            # chunk each), and the sum is the same float whatever order the updates arrive in.
-            with self.cond:
-                self.cond.wait_for(lambda: state.turn() == rank or self.errors)
-                if self.errors:
-                    raise RuntimeError(f"server failed: {self.errors[0]}")
-                state.set(rank, "combining")
-            self.codec.fold(header, chunks, self.strategy.running, weight)
+            return 0.0
+        # One update is added at a time, in rank order: the others wait in gRPC's flow-control window (about a
+        # chunk each), and the sum is the same float whatever order the updates arrive in.
+        queued = time.time()
+        with self.cond:
+            self.cond.wait_for(lambda: state.turn() == rank or self.errors)
+            if self.errors:
+                raise RuntimeError(f"server failed: {self.errors[0]}")
+            state.set(rank, "combining")
+        queued = time.time() - queued
+        self.codec.fold(header, chunks, self.strategy.running, weight)
+        return queued
 
     def record_error(self, exc: BaseException) -> None:
         with self.cond:
