@@ -92,7 +92,9 @@ def test_fashion_mnist_from_debian_files(tmp_path):
 
 
 def test_crashed_client_ends_the_job_with_its_name_and_keeps_other_captures(tmp_path):
-    args = [sys.executable, str(REPO / "launch.py"), "rounds=200", "local_steps=1", "timeouts.round_s=120"]
+    # every client is needed (strategy.min_fit_clients=num_clients): a dead one ends the job at once
+    args = [sys.executable, str(REPO / "launch.py"), "rounds=200", "local_steps=1", "timeouts.round_s=120",
+            "strategy.min_fit_clients=2"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     status_file = None
     deadline = time.time() + 180
@@ -109,7 +111,8 @@ def test_crashed_client_ends_the_job_with_its_name_and_keeps_other_captures(tmp_
     (job,) = job_dirs(tmp_path)
     res = result(job)
     assert res["status"] == "failed"
-    assert res["failure"] == {"role": "client_1", "reason": "killed by signal SIGKILL"}
+    assert res["failure"] == {"role": "client_1", "reason": "killed by signal SIGKILL (1 of 2 clients failed; "
+                              "strategy.min_fit_clients=2, strategy.accept_failures=true)"}
     assert "job failed in client_1: killed by signal SIGKILL" in " ".join(out.split())
     server = json.loads((job / "roles" / "server" / "summary.json").read_text())
     assert server["capture_error"] is None and server["peak_heap_bytes"] > 0  # stopped cleanly, capture kept
