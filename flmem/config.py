@@ -250,14 +250,21 @@ def misspelled_keys(args: list[str], config_dir: str, config_name: str = "config
             reference = compose(config_name=config_name, overrides=[o.input_line for o in groups])
     except Exception:
         return []
-    known = list(_keys(OmegaConf.to_container(reference, resolve=False)))
+    tree = _keys(OmegaConf.to_container(reference, resolve=False))
+    known = list(tree)
     hints = []
     for o in overrides:
         key = o.get_key_element()
         if o.type != OverrideType.CHANGE or o in groups or key.startswith("hydra.") or key in known:
             continue
+        value = o.input_line.split("=", 1)[1]
+        if _open_argument(key, tree, tree):  # a library's keyword argument: Hydra's '+' is the fix
+            parent = key.rpartition(".")[0]
+            hints.append(f"{key} is not a key of flmem's config; as an argument of {tree[parent]['_target_']}, "
+                         f"add it with '+': +{key}={value}")
+            continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if close:
             hints.append(f"{key} is not a key of flmem's config: did you mean {close[0]}? "
-                         f"{close[0]}={o.input_line.split('=', 1)[1]} (a key added with '+' would be refused)")
+                         f"{close[0]}={value} (a key added with '+' would be refused)")
     return hints

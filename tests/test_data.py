@@ -12,7 +12,8 @@ from tests.conftest import dataset_source, write_cifar, write_idx
 
 def test_cifar_batches_load_without_md5(tmp_path):
     write_cifar(tmp_path, per_batch=10, test=7)
-    train, test = dataset_source("cifar", tmp_path).load_split(True), dataset_source("cifar", tmp_path).load_split(False)
+    source = dataset_source("cifar", tmp_path)
+    train, test = source.load_split(True), source.load_split(False)
     assert train.images.shape == (50, 3, 32, 32) and train.images.dtype == torch.uint8
     assert test.images.shape == (7, 3, 32, 32) and test.labels.dtype == torch.int64
     import pickle
