@@ -58,8 +58,7 @@ def _import_role_modules() -> None:
     """The imports every role needs (torch, gRPC, Hydra, flmem's roles): done before any model or data."""
     import hydra.utils  # noqa: F401
     import torch  # noqa: F401
-
-    import torchvision  # noqa: F401 - the data sources import it when they load
+    import torchvision  # noqa: F401 - the data sources import it inside the methods that load
 
     import flmem.client  # noqa: F401
     import flmem.datasets.cifar  # noqa: F401
