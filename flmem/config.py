@@ -18,6 +18,10 @@ GRPC_MAX = 2**31 - 1
 # Seeds go to numpy's default_rng and torch.manual_seed, mixed with the rank and round; 32 bits is
 # the range every seeded generator here (numpy's legacy RandomState too) takes as given.
 SEED_MAX = 2**32 - 1
+DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # module.attribute, as hydra.utils.instantiate takes
+EXAMPLE_TARGETS = {"dataset": "flmem.datasets.cifar.CIFAR10", "model": "flmem.models.SmallCNN",
+                   "optimizer": "torch.optim.SGD"}
+OWN_TARGETS = "flmem."  # targets whose keyword arguments are exactly the keys their yaml defines
 
 
 class ConfigError(ValueError):
@@ -45,7 +49,16 @@ def _rules(cfg: DictConfig):
     yield at_least("batch_size", cfg.batch_size, 1)
     yield at_least("threads_per_role", cfg.threads_per_role, 1)
     yield positive("lr", cfg.lr)
-    yield cfg.optimizer in ("sgd", "adam"), f"optimizer={cfg.optimizer}: must be sgd or adam"
+    for group in ("dataset", "model", "optimizer"):  # built with hydra.utils.instantiate: checked without importing
+        target = OmegaConf.select(cfg, f"{group}._target_")
+        yield (isinstance(target, str) and DOTTED_NAME.fullmatch(target) is not None,
+               f"{group}._target_={target}: must be the dotted name of a class or function, e.g. "
+               f"{EXAMPLE_TARGETS[group]} (conf/{group}/*.yaml)")
+    partial = OmegaConf.select(cfg, "optimizer._partial_")
+    yield (partial is True, f"optimizer._partial_={partial}: must be true: the trainer calls the optimizer with the "
+                            "model's parameters each round")
+    if OmegaConf.select(cfg, "optimizer.lr") is not None:
+        yield positive("optimizer.lr", cfg.optimizer.lr)
     flags = ["optimize", "evaluate", "save_global_model", "dataset.download",
              *(f"optimization.{k}" for k in ("trainer", "serde", "transport", "aggregation", "release")),
              *(f"profiling.{k}" for k in ("enabled", "native_traces", "track_imports", "trace_python_allocators",
@@ -158,16 +171,34 @@ def _keys(node, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _open_argument(key: str, have: dict[str, object], known: dict[str, object]) -> bool:
+    """Whether ``key`` is a keyword argument for a library's callable: its mapping names a ``_target_``
+    outside flmem (``torch.optim.SGD``: ``+optimizer.weight_decay=0.01``), and the key is no near miss of
+    a key that mapping defines (``+optimizer.momentom`` is a typo). The callable itself refuses an
+    argument it does not take when the role builds it. flmem's own targets (models, data sources) take
+    exactly the keys their yaml defines, so a key added under them stays unknown."""
+    parent, _, leaf = key.rpartition(".")
+    mapping = have.get(parent)
+    if not parent or not isinstance(mapping, dict):
+        return False
+    target = mapping.get("_target_")
+    if not isinstance(target, str) or target.startswith(OWN_TARGETS):
+        return False
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+    return not difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+
+
 def unknown_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:
     """One message per key of ``cfg`` that ``reference`` lacks (the outermost only), naming the
-    closest known key (difflib) and the fix."""
+    closest known key (difflib) and the fix. Keys added under a library's ``_target_`` (see
+    :func:`_open_argument`) are the callable's keyword arguments, not unknown."""
     have = _keys(OmegaConf.to_container(cfg, resolve=False))
     known = _keys(OmegaConf.to_container(reference, resolve=False))
     problems = []
     for key, value in have.items():
         parent = key.rpartition(".")[0]
-        if key in known or (parent and parent not in known):
-            continue  # known, or inside an unknown mapping (reported once, at its top)
+        if key in known or (parent and parent not in known) or _open_argument(key, have, known):
+            continue  # known, inside an unknown mapping (reported once, at its top), or a library's argument
         scalar = not isinstance(value, (dict, list))
         if scalar:  # as it is typed on the command line
             value = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
@@ -234,14 +265,21 @@ def misspelled_keys(args: list[str], config_dir: str, config_name: str = "config
             reference = compose(config_name=config_name, overrides=[o.input_line for o in groups])
     except Exception:
         return []
-    known = list(_keys(OmegaConf.to_container(reference, resolve=False)))
+    tree = _keys(OmegaConf.to_container(reference, resolve=False))
+    known = list(tree)
     hints = []
     for o in overrides:
         key = o.get_key_element()
         if o.type != OverrideType.CHANGE or o in groups or key.startswith("hydra.") or key in known:
             continue
+        value = o.input_line.split("=", 1)[1]
+        if _open_argument(key, tree, tree):  # a library's keyword argument: Hydra's '+' is the fix
+            parent = key.rpartition(".")[0]
+            hints.append(f"{key} is not a key of flmem's config; as an argument of {tree[parent]['_target_']}, "
+                         f"add it with '+': +{key}={value}")
+            continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if close:
             hints.append(f"{key} is not a key of flmem's config: did you mean {close[0]}? "
-                         f"{close[0]}={o.input_line.split('=', 1)[1]} (a key added with '+' would be refused)")
+                         f"{close[0]}={value} (a key added with '+' would be refused)")
     return hints

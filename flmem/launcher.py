@@ -26,14 +26,27 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from flmem import data
 from flmem.address import join, server_addresses
-from flmem.config import reference_config, validate
+from flmem.config import ConfigError, reference_config, validate
+from flmem.datasets import DATA_ERRORS
 from flmem.profiling import finish_role
 from flmem.status import read_json, read_metrics, write_json
 
-#: problems with the data files, reported with ``failure.role == "data"``
-DATA_ERRORS = (data.DatasetNotFoundError, data.IdxFormatError, data.CifarFormatError, data.LabelRangeError)
+
+def dataset_source(dataset_cfg):
+    """The data source ``cfg.dataset`` names in its ``_target_`` (a flmem.datasets.base.DataSource), built
+    with ``hydra.utils.instantiate`` from the yaml's other keys. Imports no torch.
+
+    Raises ConfigError when it cannot be built: a ``_target_`` that does not exist, or a key the class
+    does not take (its name in the message).
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(dataset_cfg)
+    except InstantiationException as exc:
+        raise ConfigError(f"dataset: {' '.join(str(exc).split())}") from exc
 
 
 class JobError(RuntimeError):
@@ -181,7 +194,7 @@ class Job:
         already holds a run. Raises ConfigError, DatasetNotFoundError, JobError."""
         validate(self.cfg, reference_config(self.overrides))
         if self.cfg.role.name in ("local", "server", "client"):
-            data.check_available(self.cfg.dataset)
+            dataset_source(self.cfg.dataset).check_available()
         if (self.dir / "result.json").exists() or (self.dir / "roles").exists():
             raise JobError(f"{self.dir} already holds a run; its config.yaml, result.json and roles/ are kept "
                            f"(Hydra has rewritten its .hydra/ files). Run again without {dir_key} (a new "
@@ -411,8 +424,6 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: st
     ``result.json`` whose failure (role ``launcher``) says when it came, and raises KeyboardInterrupt.
     ``dir_key``: the setting that chose ``job_dir`` (``hydra.sweep.dir`` in a sweep), named in errors.
     """
-    from flmem.config import ConfigError
-
     started = time.time()
     job = Job(cfg, job_dir, overrides, progress)
     interrupted = None

@@ -13,18 +13,10 @@ from __future__ import annotations
 import copy
 import gc
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """``sgd`` (momentum 0.9) or ``adam``; raises ValueError for anything else."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"optimizer={name!r}: use sgd or adam")
 
 
 class Perturber:
@@ -57,7 +49,10 @@ class Trainer:
     Args:
         model: the client's model; its parameters are trained in place.
         dataset: the client's samples (``(image, label)`` pairs).
-        batch_size, local_steps, optimizer, lr: the run keys of the same names.
+        batch_size, local_steps: the run keys of the same names.
+        optimizer: a function of the parameters that returns a new ``torch.optim.Optimizer``, as
+            ``hydra.utils.instantiate(cfg.optimizer)`` gives (conf/optimizer/*.yaml, ``_partial_: true``),
+            e.g. ``functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)``; called once per round.
         seed: base seed; round r's batch order depends on (seed, rank, r) only, so the
             original and optimized paths see the same batches.
         optimized: clone/in-place instead of deepcopy/out-of-place.
@@ -67,11 +62,12 @@ class Trainer:
             The recorded loss is the task loss alone on both paths.
     """
 
-    def __init__(self, model: nn.Module, dataset, *, batch_size: int, local_steps: int, optimizer: str,
-                 lr: float, seed: int, rank: int, optimized: bool, release: bool, proximal_mu: float = 0.0):
+    def __init__(self, model: nn.Module, dataset, *, batch_size: int, local_steps: int,
+                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], seed: int, rank: int,
+                 optimized: bool, release: bool, proximal_mu: float = 0.0):
         self.model, self.dataset = model, dataset
         self.batch_size, self.local_steps = batch_size, local_steps
-        self.optimizer_name, self.lr = optimizer, lr
+        self.make_optimizer = optimizer
         self.seed, self.rank = seed, rank
         self.optimized, self.release = optimized, release
         self.proximal_mu = float(proximal_mu)
@@ -97,7 +93,7 @@ class Trainer:
             self.previous = [p.detach().clone() for p in self.model.parameters()]
         else:
             self.previous = copy.deepcopy(self.model)
-        self.optimizer = make_optimizer(self.optimizer_name, self.model.parameters(), self.lr)
+        self.optimizer = self.make_optimizer(self.model.parameters())
         self.model.train()
         losses, batches = [], self._batches(round_idx)
         for _ in range(self.local_steps):

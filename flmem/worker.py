@@ -58,9 +58,14 @@ def _import_role_modules() -> None:
     """The imports every role needs (torch, gRPC, Hydra, flmem's roles): done before any model or data."""
     import hydra.utils  # noqa: F401
     import torch  # noqa: F401
+    import torchvision  # noqa: F401 - the data sources import it inside the methods that load
 
     import flmem.client  # noqa: F401
-    import flmem.data  # noqa: F401
+    import flmem.datasets.cifar  # noqa: F401
+    import flmem.datasets.mnist  # noqa: F401
+    import flmem.datasets.split  # noqa: F401
+    import flmem.datasets.synthetic  # noqa: F401
+    import flmem.datasets.tokens  # noqa: F401
     import flmem.server  # noqa: F401
     import flmem.transport  # noqa: F401
 
@@ -82,7 +87,6 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     import hydra.utils
     import torch
 
-    from flmem import data
     from flmem.client import run_client
     from flmem.codec import ModelCodec
     from flmem.phases import PhaseLog, memory_reading
@@ -104,7 +108,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
         markers["model_bytes"] = model_bytes(model.state_dict())
     if role == "server":
         with phases.setup("data"):
-            test_data = data.test_dataset(cfg.dataset, release=opt.release) if cfg.evaluate else None
+            test_data = hydra.utils.instantiate(cfg.dataset).test_dataset(release=opt.release) if cfg.evaluate else None
         fl = RoundServer(model, test_data, strategy=hydra.utils.instantiate(cfg.strategy),
                          num_clients=int(cfg.num_clients), rounds=int(cfg.rounds), codec=codec,
                          streaming=opt.aggregation, seed=int(cfg.seed), round_timeout_s=float(cfg.timeouts.round_s),
@@ -138,9 +142,10 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                                 scale=float(cfg.client.perturbation))
         else:
             with phases.setup("data"):
-                dataset = data.client_dataset(cfg.dataset, rank, int(cfg.num_clients), release=opt.release)
+                source = hydra.utils.instantiate(cfg.dataset)  # conf/dataset/*.yaml: a flmem.datasets source
+                dataset = source.client_dataset(rank, int(cfg.num_clients), release=opt.release)
                 trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
-                                  optimizer=cfg.optimizer, lr=float(cfg.lr), seed=int(cfg.seed), rank=rank,
+                                  optimizer=hydra.utils.instantiate(cfg.optimizer), seed=int(cfg.seed), rank=rank,
                                   optimized=opt.trainer, release=opt.release,
                                   proximal_mu=hydra.utils.instantiate(cfg.strategy).proximal_mu)
         connection = None

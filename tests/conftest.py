@@ -83,6 +83,20 @@ def write_idx(folder: Path, train: int = 200, test: int = 64, gz: bool = True, s
     return folder
 
 
+def dataset_source(name: str, root, **keys):
+    """The data source ``conf/dataset/NAME.yaml`` builds (``hydra.utils.instantiate``), reading ``root``
+    without downloading, uncut (no ``samples_per_client``/``test_samples``), seed 0, generated splits of
+    256/64 samples, then ``keys`` on top."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+    base = {"root": str(root), "download": False, "samples_per_client": None, "test_samples": None, "seed": 0}
+    if "train_size" in yaml:
+        base.update(train_size=256, test_size=64)
+    return instantiate(OmegaConf.merge(yaml, base, keys))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A data root holding tiny CIFAR-10 (python batches) and MNIST (gzipped IDX) in torchvision's layout."""

@@ -1,4 +1,6 @@
 """Config composition (Hydra compose API) and validation."""
+import re
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -10,7 +12,7 @@ from tests.conftest import CONF
 
 GROUPS = {"dataset": ["synthetic", "cifar", "mnist", "fashion_mnist", "tokens"],
           "model": ["cnn", "resnet18", "transformer"],
-          "role": ["local", "server", "client"], "optimization": ["paths"]}
+          "optimizer": ["sgd", "adam"], "role": ["local", "server", "client"], "optimization": ["paths"]}
 
 
 def compose_cfg(*overrides):
@@ -85,7 +87,10 @@ def test_unknown_key_is_refused():
     ("transport.chunk_size=8388608", "transport.chunk_size=8388608: must be between 1024 and "
                                      "transport.max_message_bytes"),
     ("transport.chunk_size=1001", "must be a multiple of 8"),
-    ("optimizer=rmsprop", "optimizer=rmsprop: must be sgd or adam"),
+    ("optimizer._target_=SGD", "optimizer._target_=SGD: must be the dotted name of a class or function"),
+    ("optimizer._partial_=false", "optimizer._partial_=False: must be true"),
+    ("optimizer.lr=-1", "optimizer.lr=-1: must be a number > 0"),
+    ("dataset._target_=9", "dataset._target_=9: must be the dotted name"),
     ("lr=0", "lr=0: must be a number > 0"),
     ("dataset.partition=shards", "dataset.partition=shards: must be iid or dirichlet"),
     ("profiling.capture_format=json", "profiling.capture_format=json"),
@@ -125,7 +130,7 @@ def check(*overrides):
 @pytest.mark.parametrize("override, named, fix", [
     ("+dataset.partiton=dirichlet", "dataset.partiton=dirichlet", "did you mean dataset.partition? Set it without "
                                                                   "'+': dataset.partition=dirichlet"),
-    ("++fedavg.wieghted=false", "fedavg.wieghted=false", "fedavg.weighted=false"),
+    ("++strategy.wieghted=false", "strategy.wieghted=false", "strategy.weighted=false"),
     ("+model.widht=64", "model.widht=64", "model.width=64"),
     ("+nonsense.deep.key=1", "nonsense:", "flmem reads no such key; drop it"),
 ])
@@ -186,3 +191,67 @@ def test_a_bad_value_is_reported_once_not_again_for_the_keys_that_interpolate_it
         validate(compose_cfg("optimize=maybe", "optimization.serde=2"))
     assert [ln.strip() for ln in str(err.value).splitlines()[1:]] == [
         "optimize=maybe: must be true or false", "optimization.serde=2: must be true or false"]
+
+
+@pytest.mark.parametrize("name", GROUPS["dataset"])
+def test_every_dataset_option_builds_its_source_keeping_its_name(name):
+    from flmem.datasets.base import DataSource
+
+    cfg = compose_cfg(f"dataset={name}")
+    source = instantiate(cfg.dataset)
+    assert isinstance(source, DataSource) and source.name == name == cfg.dataset.name
+    assert type(source).__module__ == cfg.dataset._target_.rpartition(".")[0]
+
+
+@pytest.mark.parametrize("overrides, kind, settings", [
+    ([], torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}),
+    (["optimizer=adam", "lr=0.001"], torch.optim.Adam, {"lr": 0.001, "weight_decay": 0.0}),
+    (["optimizer.weight_decay=0.01"], torch.optim.SGD, {"lr": 0.05, "weight_decay": 0.01}),
+    (["optimizer=adam", "+optimizer.amsgrad=true"], torch.optim.Adam, {"amsgrad": True}),
+    (["+optimizer.nesterov=true", "optimizer.momentum=0.5"], torch.optim.SGD, {"nesterov": True, "momentum": 0.5}),
+])
+def test_the_optimizer_group_builds_a_function_of_the_parameters(overrides, kind, settings):
+    cfg = check(*overrides)  # a library's keyword argument added with '+' is not an unknown key
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(3))])
+    assert type(optimizer) is kind
+    assert {k: optimizer.defaults[k] for k in settings} == settings
+
+
+def test_a_near_miss_of_an_optimizer_key_is_still_refused():
+    with pytest.raises(ConfigError) as err:
+        check("+optimizer.momentom=0.5")
+    assert "did you mean optimizer.momentum? Set it without '+': optimizer.momentum=0.5" in str(err.value)
+
+
+def test_an_experiment_can_switch_the_optimizer():
+    cfg = check("+experiment=client_overhead")
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.001
+
+
+def test_a_key_the_data_source_does_not_take_fails_before_any_role_starts(tmp_path):
+    from flmem.launcher import dataset_source
+
+    cfg = compose_cfg("dataset.samples_per_client=5")
+    assert dataset_source(cfg.dataset).samples_per_client == 5
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'shards'"):
+        dataset_source({**cfg.dataset, "shards": 3})
+    with pytest.raises(ConfigError, match="flmem.datasets.nope.Nope"):
+        dataset_source({**cfg.dataset, "_target_": "flmem.datasets.nope.Nope"})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.min_fit_clients=3"], "strategy.min_fit_clients=3: must be in 1..num_clients = 1..2"),
+    (["strategy=fedmedian", "strategy.fraction_fit=0"], "strategy.fraction_fit=0: must be in (0, 1]"),
+    (["strategy.accept_failures=maybe"], "strategy.accept_failures=maybe: must be true or false"),
+    (["strategy._target_=FedAvg"], "strategy._target_=FedAvg: must name a strategy class"),
+])
+def test_strategy_values_are_checked_before_any_process_starts(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(*overrides)
+
+
+def test_every_strategy_option_composes_and_names_its_class():
+    for name, cls in [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam"), ("fedyogi", "FedYogi"),
+                      ("fedadagrad", "FedAdagrad"), ("fedmedian", "FedMedian"), ("trimmed_mean", "TrimmedMean")]:
+        cfg = check(f"strategy={name}")
+        assert cfg.strategy._target_ == f"flmem.strategies.{cls}" and cfg.strategy.min_fit_clients == 1

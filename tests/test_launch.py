@@ -28,7 +28,7 @@ def test_help_shows_groups_common_keys_and_examples(tmp_path):
     out = proc.stdout
     assert out.startswith("flmem measures, and cuts, the memory of federated learning over gRPC")
     for line in ("dataset: cifar, fashion_mnist, mnist, synthetic, tokens", "model: cnn, resnet18, transformer",
-                 "role: client, local, server", "experiment: bench_tiny, client_overhead"):
+                 "optimizer: adam, sgd", "role: client, local, server", "experiment: bench_tiny, client_overhead"):
         assert line in out  # Hydra's $APP_CONFIG_GROUPS, read from conf/
     for key in ("optimize=true|false", "num_clients=N", "dataset.partition=iid|dirichlet", "server.host=HOST",
                 "hydra/launcher=joblib", "($FLMEM_DATA, else ./data)"):
@@ -112,6 +112,15 @@ def test_a_misspelled_key_without_plus_gets_a_did_you_mean_not_only_hydras_plus_
     assert ("dataset.partiton is not a key of flmem's config: did you mean dataset.partition? "
             "dataset.partition=dirichlet") in err
     assert "rounds" not in err.split("Could not override")[1] and not (tmp_path / "outputs").exists()
+
+
+def test_an_optimizer_argument_without_plus_is_told_to_add_it_and_a_near_miss_gets_a_did_you_mean(tmp_path):
+    proc = launch(["optimizer=adam", "optimizer.amsgrad=true", "optimizer.weight_decy=0.1"], tmp_path)
+    assert proc.returncode == 1
+    err = " ".join(proc.stderr.split())
+    assert "as an argument of torch.optim.Adam, add it with '+': +optimizer.amsgrad=true" in err
+    assert "did you mean optimizer.weight_decay? optimizer.weight_decay=0.1" in err
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_server_address_for_a_specific_bind_is_that_address():

@@ -1,22 +1,21 @@
 """Whole FedAvg rounds over real gRPC on 127.0.0.1, in one process (fast); both memory paths agree."""
 import threading
+from functools import partial
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from flmem import data
 from flmem.client import run_client
 from flmem.codec import ModelCodec
+from flmem.datasets.synthetic import SyntheticImages
 from flmem.models import SmallCNN
 from flmem.server import RoundServer
 from flmem.strategies import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedYogi, RoundFailedError, TrimmedMean
 from flmem.trainer import Trainer
 from flmem.transport import ServerConnection, TransportError, serve
 
-DS = OmegaConf.create({"name": "synthetic", "root": None, "download": False, "channels": 3, "image_size": 32,
-                       "num_classes": 10, "train_size": 256, "test_size": 64, "samples_per_client": 40,
-                       "test_samples": 64, "partition": "iid", "alpha": 0.5, "seed": 0})
+DS = SyntheticImages(name="synthetic", channels=3, image_size=32, num_classes=10, train_size=256, test_size=64,
+                     samples_per_client=40, test_samples=64, partition="iid", alpha=0.5, seed=0)
 
 
 class Quit(Exception):
@@ -30,7 +29,7 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, str
     quit = quit or {}
     torch.manual_seed(0)
     codec = ModelCodec(optimized, optimized, chunk_size, release=optimized)
-    fl = RoundServer(SmallCNN(), data.test_dataset(DS), strategy=strategy or FedAvg(), num_clients=num_clients,
+    fl = RoundServer(SmallCNN(), DS.test_dataset(), strategy=strategy or FedAvg(), num_clients=num_clients,
                      rounds=rounds, codec=codec, streaming=optimized, round_timeout_s=60)
     server, port = serve(fl, "127.0.0.1", 0, 4 * 2**20, max_workers=3 * num_clients + 4)
     finals, histories, errors = {}, {}, []
@@ -38,9 +37,9 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, str
     def client(rank):
         try:
             model = SmallCNN()
-            trainer = Trainer(model, data.client_dataset(DS, rank, num_clients, release=optimized), batch_size=8,
-                              local_steps=2, optimizer="sgd", lr=0.05, seed=0, rank=rank, optimized=optimized,
-                              release=optimized, proximal_mu=proximal_mu)
+            trainer = Trainer(model, DS.client_dataset(rank, num_clients, release=optimized), batch_size=8,
+                              local_steps=2, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9), seed=0,
+                              rank=rank, optimized=optimized, release=optimized, proximal_mu=proximal_mu)
             if rank in quit:
                 train = trainer.train_round
                 trainer.train_round = lambda r: (_ for _ in ()).throw(Quit()) if r == quit[rank] else train(r)
