@@ -28,9 +28,11 @@ class RoundState:
         """Client ``rank`` starts sending its update. Raises UpdateRefused when it may not."""
         if rank not in self.status:
             raise UpdateRefused(f"client {rank} was not sampled for round {self.round} (sampled: {self.sampled})")
+        if self.status[rank] == "failed":
+            why = next(f["reason"] for f in self.failures if f["rank"] == rank)
+            raise UpdateRefused(f"client {rank} is out of round {self.round} already ({why})")
         if self.status[rank] != "pending":
-            what = "failed in" if self.status[rank] == "failed" else "already sent an update for"
-            raise UpdateRefused(f"client {rank} {what} round {self.round}")
+            raise UpdateRefused(f"client {rank} already sent an update for round {self.round}")
         self.status[rank] = "receiving"
 
     def set(self, rank: int, status: str) -> None:
