@@ -1,5 +1,6 @@
 """Whole FedAvg rounds over real gRPC on 127.0.0.1, in one process (fast); both memory paths agree."""
 import threading
+import time
 from functools import partial
 
 import pytest
@@ -23,14 +24,16 @@ class Quit(Exception):
 
 
 def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, strategy=None, proximal_mu=0.0,
-             quit=None):
+             quit=None, slow=None, round_timeout_s=60):
     """A whole job in this process: a RoundServer and ``num_clients`` client threads over real gRPC.
-    ``quit``: {rank: round} clients that leave while training that round."""
-    quit = quit or {}
+    ``quit``: {rank: round} clients that leave while training that round; ``slow``: {rank: (round, seconds)}
+    clients that train that round that much longer."""
+    quit, slow = quit or {}, slow or {}
     torch.manual_seed(0)
     codec = ModelCodec(optimized, optimized, chunk_size, release=optimized)
     fl = RoundServer(SmallCNN(), DS.test_dataset(), strategy=strategy or FedAvg(), num_clients=num_clients,
-                     rounds=rounds, codec=codec, streaming=optimized, round_timeout_s=60)
+                     rounds=rounds, codec=codec, streaming=optimized,
+                     round_timeout_s=round_timeout_s)
     server, port = serve(fl, "127.0.0.1", 0, 4 * 2**20, max_workers=3 * num_clients + 4)
     finals, histories, errors = {}, {}, []
 
@@ -43,6 +46,10 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, str
             if rank in quit:
                 train = trainer.train_round
                 trainer.train_round = lambda r: (_ for _ in ()).throw(Quit()) if r == quit[rank] else train(r)
+            if rank in slow:
+                train_slow = trainer.train_round
+                trainer.train_round = lambda r: (time.sleep(slow[rank][1]) if r == slow[rank][0] else None,
+                                                 train_slow(r))[1]
             conn = ServerConnection(f"127.0.0.1:{port}", 4 * 2**20, 60)
             conn.wait_ready(10)
             try:
@@ -154,3 +161,19 @@ def test_too_few_updates_end_the_job_with_the_count_and_reasons():
     with pytest.raises(RoundFailedError, match=r"round 1: only 2 client update\(s\) arrived, "
                                                r"strategy.min_fit_clients=3.*client 1: left the job"):
         federate(optimized=True, num_clients=3, rounds=2, strategy=FedAvg(min_fit_clients=3), quit={1: 1})
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_a_late_update_is_refused_and_the_client_takes_part_again(optimized):
+    state, finals, history, histories = federate(optimized=optimized, num_clients=3, rounds=3, quit=None,
+                                                 slow={2: (1, 5.0)}, round_timeout_s=4)
+    assert [h["updates"] for h in history][:2] == [3, 2]
+    (failure,) = history[1]["failures"]
+    assert failure["rank"] == 2 and failure["reason"].startswith("late: no update within 4 s")
+    late = next(h for h in histories[2] if h["round"] == 1)
+    assert late["accepted"] is False and "round 1" in late["refused"]
+    # it is sampled again in round 2 (on a loaded machine it may be late there too, never refused otherwise)
+    assert 2 in history[2]["sampled"]
+    again = next(h for h in histories[2] if h["round"] == 2)
+    assert again["accepted"] is True or "late" in history[2]["failures"][0]["reason"]
+    assert all(torch.equal(finals[2][k], state[k]) for k in state)
