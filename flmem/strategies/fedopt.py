@@ -21,8 +21,10 @@ from typing import Mapping
 
 import torch
 
-from flmem.strategies.base import acc_dtype, cast
+from flmem.strategies.base import cast
 from flmem.strategies.fedavg import SumStrategy
+
+BLOCK = 1 << 18  # elements per block of the server optimizer's step (1 MiB of float32)
 
 
 class FedOpt(SumStrategy):
@@ -57,21 +59,30 @@ class FedOpt(SumStrategy):
             if not x.dtype.is_floating_point:
                 x.copy_(cast(mean[name], x.dtype))
                 continue
-            delta = mean[name].sub_(x.to(mean[name].dtype))  # in place: the mean is dead after this
-            sq_norm += float(delta.square().sum())
             if name not in self.m:
-                self.m[name] = torch.zeros_like(delta)
-                self.v[name] = torch.full_like(delta, self.tau ** 2)
-            m, v = self.m[name], self.v[name]
-            m.mul_(self.beta_1).add_(delta, alpha=1 - self.beta_1)
-            self.second_moment(v, delta.square_())
-            step = delta.copy_(v).sqrt_().add_(self.tau)  # reuses delta's storage: no extra model-sized tensor
-            step = torch.div(m, step, out=step).mul_(self.eta)
-            if x.dtype == acc_dtype(x.dtype):
-                x.add_(step)
-            else:
-                x.copy_((x.to(step.dtype) + step).to(x.dtype))
+                self.m[name] = torch.zeros_like(mean[name])
+                self.v[name] = torch.full_like(mean[name], self.tau ** 2)
+            flat = [t.view(-1) for t in (x, mean[name], self.m[name], self.v[name])]
+            for start in range(0, flat[0].numel(), BLOCK):
+                # Block by block: the temporaries of one step are a block each, never a tensor (ResNet-18's
+                # largest is 9 MiB); the arithmetic per element is the same.
+                sq_norm += self._step(*(t[start:start + BLOCK] for t in flat))
         return {"pseudo_gradient_norm": sq_norm ** 0.5}
+
+    def _step(self, x: torch.Tensor, mean: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> float:
+        """One optimizer step on a block of x, in place; ``mean`` is overwritten. Returns sum(Delta^2)."""
+        delta = mean.sub_(x.to(mean.dtype))
+        m.mul_(self.beta_1).add_(delta, alpha=1 - self.beta_1)
+        delta_sq = delta.square_()
+        sq = float(delta_sq.sum())
+        self.second_moment(v, delta_sq)
+        step = delta_sq.copy_(v).sqrt_().add_(self.tau)
+        step = torch.div(m, step, out=step).mul_(self.eta)
+        if x.dtype == step.dtype:
+            x.add_(step)
+        else:
+            x.copy_((x.to(step.dtype) + step).to(x.dtype))
+        return sq
 
 
 class FedAdam(FedOpt):
