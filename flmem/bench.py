@@ -100,10 +100,6 @@ def job_numbers(res: dict) -> dict:
         "wall_s": max((s.get("duration_s") or 0 for s in res.get("roles", {}).values()), default=None),
         "server_fl_work": server.get("fl_working_heap_bytes"),
         "client_fl_work": max((c.get("fl_working_heap_bytes") or 0 for c in clients), default=None) or None,
-        # seconds updates waited for their turn (rank-order folding), as a share of the rounds' wall time
-        "queued_share": (sum(t.get("queued_s", 0) for r in rounds for t in r.get("transfers", []))
-                         / sum(r.get("round_s") or 0 for r in rounds)) if rounds and any(
-                             r.get("round_s") for r in rounds) else None,
     }
 
 

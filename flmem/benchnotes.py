@@ -170,12 +170,17 @@ def strategies(medians: dict) -> list[str]:
         verdict = "n/a" if diff is None else "met" if diff <= 1.1 else "missed"
         lines.append(f"- fedprox, N={n}: client FL working memory {_f(a)} M vs fedavg's {_f(b)} M: "
                      f"{_f(diff, '{:+.2f}')} M, target <= +1.1 M: {verdict}.")
-    shares = [m.get("queued_share") for k, m in medians.items()
-              if dict(k).get("optimize", "").lower() == "true" and m.get("queued_share") is not None]
-    if shares:
-        lines.append(f"- Rank-order folding (the optimized sum path adds updates in rank order, so the global model is "
-                     f"the same bits run to run): updates waited for their turn {100 * min(shares):.1f}-"
-                     f"{100 * max(shares):.1f}% of the round wall time (summed over the round's updates).")
+    lines.append("- Rank-order folding (the optimized sum path adds updates in rank order, so the global model is "
+                 "the same bits run to run): an update that arrives before a lower rank's waits in gRPC's window "
+                 "(`queued_s`). The round then ends at most N-1 folds later than folding in arrival order would "
+                 "(the updates queued behind the last to arrive); that bound, from the measured fold rate:")
+    for n in ns:
+        med = _pick(medians, strategy="fedavg", num_clients=n, optimize=True)
+        if med and med.get("mib_s") and med.get("M") and med.get("round_s"):
+            bound = (n - 1) * med["M"] / MiB / med["mib_s"]
+            lines.append(f"  - fedavg, N={n}: (N-1) x {med['M'] / MiB:.1f} MiB / {med['mib_s']:.1f} MiB/s = "
+                         f"{bound:.2f} s, {100 * bound / med['round_s']:.0f}% of the median round "
+                         f"({med['round_s']:.2f} s).")
     return lines + [""]
 
 
