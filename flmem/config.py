@@ -9,6 +9,7 @@ names the key, the value and the rule, and all errors are reported at once.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 
 from omegaconf import DictConfig, OmegaConf
@@ -70,6 +71,30 @@ def _rules(cfg: DictConfig):
     st = cfg.strategy  # the strategy's own constructor checks its other keys when the server builds it
     yield (isinstance(st.get("_target_"), str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", st._target_),
            f"strategy._target_={st.get('_target_')}: must name a strategy class, e.g. flmem.strategies.FedAvg")
+    target = st.get("_target_")
+    if isinstance(target, str) and "." in target:
+        module = target.rpartition(".")[0]
+        try:  # finds the module without importing it (the strategies import torch)
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        yield found, (f"strategy._target_={target}: no module {module!r} on the Python path; put the file that "
+                      "defines the class on PYTHONPATH, or pick a strategy from conf/strategy/")
+
+    def number_in(key, ok, rule):
+        value = st.get(key)
+        good = isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value)
+        return good, f"strategy.{key}={value}: {rule}"
+
+    # The strategies' own ranges, checked here too so a bad value fails before any process starts.
+    for key, ok, rule in (("eta", lambda v: v > 0, "must be > 0"), ("tau", lambda v: v > 0, "must be > 0"),
+                          ("beta_1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                          ("beta_2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                          ("proximal_mu", lambda v: v >= 0, "must be >= 0")):
+        if key in st:
+            yield number_in(key, ok, rule)
+    if "beta" in st:
+        yield number_in("beta", lambda v: 0 <= v < 0.5, "must be in [0, 0.5) (the fraction trimmed at each end)")
     for key in ("weighted", "accept_failures"):
         if key in st:
             yield isinstance(st[key], bool), f"strategy.{key}={st[key]}: must be true or false"

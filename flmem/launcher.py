@@ -274,9 +274,14 @@ class Job:
             self.client_failures = [{"role": r.name, "reason": r.failure_reason()} for r in failed]
             if failed and not self._tolerated(failed):
                 first = next((r for r in failed if r.name == "server"), failed[0])
+                clients = [r for r in failed if r.name != "server"]
+                if first.name == "server" and clients and "left the job" in first.failure_reason():
+                    first = clients[0]  # the server failed because its clients had: name their cause
                 self.failure = {"role": first.name, "reason": first.failure_reason()}
                 if first.name != "server":
                     self.failure["reason"] += self._policy_note(failed)
+                    if any(r.name == "server" for r in failed):
+                        self.failure["reason"] += "; the server then stopped, its round short of updates"
                 break
             if all(c is not None for c in codes.values()) and failed:
                 break  # the server finished without the failed clients

@@ -68,6 +68,7 @@ class Trainer:
         self.model, self.dataset = model, dataset
         self.batch_size, self.local_steps = batch_size, local_steps
         self.make_optimizer = optimizer
+        optimizer(list(model.parameters()))  # built once now: a bad optimizer argument fails before connecting
         self.seed, self.rank = seed, rank
         self.optimized, self.release = optimized, release
         self.proximal_mu = float(proximal_mu)

@@ -244,6 +244,11 @@ def test_a_key_the_data_source_does_not_take_fails_before_any_role_starts(tmp_pa
     (["strategy=fedmedian", "strategy.fraction_fit=0"], "strategy.fraction_fit=0: must be in (0, 1]"),
     (["strategy.accept_failures=maybe"], "strategy.accept_failures=maybe: must be true or false"),
     (["strategy._target_=FedAvg"], "strategy._target_=FedAvg: must name a strategy class"),
+    (["strategy._target_=nonexistent.Class"], "strategy._target_=nonexistent.Class: no module 'nonexistent'"),
+    (["strategy=trimmed_mean", "strategy.beta=0.7"], "strategy.beta=0.7: must be in [0, 0.5)"),
+    (["strategy=fedadam", "strategy.eta=-1"], "strategy.eta=-1: must be > 0"),
+    (["strategy=fedyogi", "strategy.beta_2=1"], "strategy.beta_2=1: must be in [0, 1)"),
+    (["strategy=fedprox", "strategy.proximal_mu=-0.1"], "strategy.proximal_mu=-0.1: must be >= 0"),
 ])
 def test_strategy_values_are_checked_before_any_process_starts(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -59,3 +59,13 @@ def test_too_few_clients_left_end_the_job_with_the_count(tmp_path):
     assert res["failure"]["role"] == "client_1"
     assert "1 of 3 clients failed; strategy.min_fit_clients=3" in res["failure"]["reason"]
     assert all(s["capture_error"] is None for s in res["roles"].values())
+
+
+@pytest.mark.slow
+def test_a_bad_optimizer_argument_names_the_clients_error_not_the_servers(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *TINY, "+optimizer.bogus=1"], cwd=tmp_path,
+                          env=dict(os.environ, COLUMNS="200"), capture_output=True, text=True, timeout=600)
+    res = result(job_dirs(tmp_path)[0])
+    assert proc.returncode != 0 and res["status"] == "failed"
+    assert res["failure"]["role"].startswith("client_")
+    assert "unexpected keyword argument 'bogus'" in res["failure"]["reason"]
