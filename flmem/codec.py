@@ -95,6 +95,7 @@ class ModelCodec:
                 received += len(data)
             _check_complete(received, layout.total_bytes)
             return
+        check_claimed_size(header, serde.model_bytes(state))
         received = self.receive(header, chunks)
         serde.Layout.of(state).check_matches(serde.Layout.of(received))
         with torch.no_grad():
@@ -123,6 +124,7 @@ class ModelCodec:
             _check_complete(received, layout.total_bytes)  # a partial update must not count as one
             aggregator.count_update(weight)
             return
+        check_claimed_size(header, aggregator.layout.total_bytes)
         update = self.receive(header, chunks)
         aggregator.check_layout(serde.Layout.of(update))  # before any tensor is added
         aggregator.fold_state_dict(update, weight)
@@ -146,9 +148,19 @@ class ModelCodec:
                 raise serde.LayoutMismatchError("the update's tensor table orders or places its tensors differently "
                                                 "from the global model's; send it as the server's encoder lays it out")
             return chunks
+        check_claimed_size(header, layout.total_bytes)
         update = self.receive(header, chunks)
         layout.check_matches(serde.Layout.of(update))
         return serde.iter_raw_chunks(update, layout, self.chunk_size)
+
+
+def check_claimed_size(header: dict, model_bytes: int) -> None:
+    """Refuse a ``torch``-format stream that claims more bytes than a model of ``model_bytes`` can serialize to
+    (twice that plus 1 MiB of pickle framing), before any buffer of the claimed size is allocated."""
+    limit = 2 * model_bytes + 2**20
+    if header["format"] == "torch" and not 0 <= header["total_bytes"] <= limit:
+        raise ValueError(f"the stream claims {header['total_bytes']} payload bytes; a {model_bytes}-byte model "
+                         f"serializes to at most {limit}")
 
 
 def _check_complete(received: int, total: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -112,7 +113,25 @@ def make_header(fmt: str, total_bytes: int, layout: Layout | None = None) -> dic
 def header_layout(header: dict) -> Layout:
     if header.get("format") != "raw":
         raise ValueError(f"payload format {header.get('format')!r} has no tensor table")
-    return Layout.from_json(header["tensors"], header["total_bytes"])
+    try:
+        layout = Layout.from_json(header["tensors"], header["total_bytes"])
+        # The table must be the one this encoder writes: consecutive, aligned, sizes from dtype and shape.
+        offset = 0
+        for e in layout.entries:
+            size = math.prod(e.shape) * torch.empty((), dtype=e.torch_dtype).element_size()
+            if e.offset != offset or e.nbytes != size:
+                raise LayoutMismatchError(f"tensor {e.name!r}: the table puts {e.nbytes} bytes at offset {e.offset}; "
+                                          f"its dtype {e.dtype} and shape {list(e.shape)} make {size} bytes at "
+                                          f"{offset}; send it as flmem's encoder lays it out")
+            offset += -(-e.nbytes // ALIGN) * ALIGN
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, LayoutMismatchError):
+            raise
+        raise LayoutMismatchError(f"malformed tensor table: {type(exc).__name__}: {exc}") from None
+    if offset != layout.total_bytes:
+        raise LayoutMismatchError(f"the header claims {layout.total_bytes} payload bytes; its tensor table makes "
+                                  f"{offset}")
+    return layout
 
 
 # ---------------------------------------------------------------- encoding

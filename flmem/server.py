@@ -21,7 +21,7 @@ import time
 import torch
 
 from flmem import serde
-from flmem.codec import ModelCodec
+from flmem.codec import ModelCodec, check_claimed_size
 from flmem.lockstep import AlignedChunks, RoundSpoiledError
 from flmem.phases import NO_PHASES, PhaseLog
 from flmem.rounds import RoundState, UpdateRefused
@@ -74,6 +74,7 @@ class RoundServer:
         self.history: list[dict] = []
         self.transfers: list[dict] = []  # per model stream: direction, rank, bytes, seconds (encode + send/receive)
         self._serving: dict[tuple[int, int], tuple[float, int]] = {}
+        self._folds_at_turn = 0  # RunningSum.folds when the combining update's turn began
 
     # ---------------------------------------------------------------- called by gRPC handlers
     def join(self, rank: int) -> None:
@@ -145,7 +146,6 @@ class RoundServer:
             except (UpdateRefused, ValueError) as exc:
                 return False, str(exc)
             state = self.current
-        before = self.strategy.running.folds if self.streaming and self.strategy.combine == "sum" else 0
         try:
             started = time.time()
             queued_s = self._take(state, rank, num_samples, header, chunks)
@@ -154,7 +154,7 @@ class RoundServer:
         except Exception as exc:  # noqa: BLE001 - a bad update is refused alone
             reason = f"update refused: {type(exc).__name__}: {exc}"
             with self.cond:
-                spoiled = state.status.get(rank) == "combining" and self.strategy.running.folds > before
+                spoiled = state.status.get(rank) == "combining" and self.strategy.running.folds > self._folds_at_turn
                 state.fail(rank, reason)
                 self.cond.notify_all()
             if self.lockstep is not None:
@@ -177,6 +177,7 @@ class RoundServer:
             raise ValueError(f"client {rank} reported {num_samples} training samples")
         weight = self.strategy.weight(num_samples)
         if not self.streaming:
+            check_claimed_size(header, self.layout.total_bytes)
             update = self.codec.receive(header, chunks)
             self.layout.check_matches(serde.Layout.of(update))
             with self.cond:
@@ -193,6 +194,7 @@ class RoundServer:
             if self.errors:
                 raise RuntimeError(f"server failed: {self.errors[0]}")
             state.set(rank, "combining")
+            self._folds_at_turn = self.strategy.running.folds  # one update combines at a time (rank order)
         queued = time.time() - queued
         self.codec.fold(header, chunks, self.strategy.running, weight)
         return queued

@@ -105,3 +105,22 @@ def test_committed_grpc_stubs_match_the_proto(tmp_path):
         assert fresh == (REPO / "flmem/proto" / name).read_text(), \
             f"{name} is stale: regenerate with python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. " \
             "flmem/proto/flmem.proto"
+
+
+def test_a_tensor_table_must_follow_from_its_dtypes_and_shapes():
+    from flmem.codec import check_claimed_size
+
+    state = sample_state()
+    layout = serde.Layout.of(state)
+    good = serde.make_header("raw", layout.total_bytes, layout)
+    assert serde.header_layout(good) == layout
+    wrong_dtype = [[n, "float64" if i == 0 else d, s, o, b] for i, (n, d, s, o, b) in enumerate(layout.to_json())]
+    with pytest.raises(serde.LayoutMismatchError, match="the table puts .* make .* bytes"):
+        serde.header_layout({**good, "tensors": wrong_dtype})
+    with pytest.raises(serde.LayoutMismatchError, match="claims 1099511627776 payload bytes"):
+        serde.header_layout({**good, "total_bytes": 2**40})
+    with pytest.raises(serde.LayoutMismatchError, match="malformed tensor table"):
+        serde.header_layout({**good, "tensors": [["w", "nosuchdtype", [2], 0, 8]]})
+    with pytest.raises(ValueError, match="claims 1099511627776 payload bytes"):  # refused before any buffer exists
+        check_claimed_size({"format": "torch", "total_bytes": 2**40}, layout.total_bytes)
+    check_claimed_size({"format": "torch", "total_bytes": layout.total_bytes + 4096}, layout.total_bytes)
