@@ -98,7 +98,6 @@ def job_numbers(res: dict) -> dict:
         "round_s": _median([r.get("round_s") for r in rounds]),
         "mib_s": _median([t["bytes"] / MiB / t["seconds"] for t in transfers]),
         "wall_s": max((s.get("duration_s") or 0 for s in res.get("roles", {}).values()), default=None),
-        "server_fl_work": server.get("fl_working_heap_bytes"),
         "client_fl_work": max((c.get("fl_working_heap_bytes") or 0 for c in clients), default=None) or None,
     }
 
