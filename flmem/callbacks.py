@@ -203,6 +203,7 @@ def write_summary(sweep_dir: Path, key: str | None = None, rel_noise: float = 0.
     from flmem.browse.compare import compare, default_key
     from flmem.browse.discover import load_sweep
     from flmem.browse.model import BrowseError
+    from flmem.browse.output import write_text_atomic
     from flmem.browse.render import emit, make_console, to_json, to_markdown
     from flmem.browse.views import compare_view, sweep_view
 
@@ -223,11 +224,12 @@ def write_summary(sweep_dir: Path, key: str | None = None, rel_noise: float = 0.
                          for j in sweep.jobs if j.status != "completed"],
             "comparison": comparison.as_dict() if comparison else None, "comparison_note": note}
     write_json(sweep.dir / "summary.json", data)
-    (sweep.dir / "summary.md").write_text("\n".join(to_markdown(v) for v in views)
-                                          + (f"\n- no comparison: {note}\n" if note else ""))
+    write_text_atomic(sweep.dir / "summary.md", "\n".join(to_markdown(v) for v in views)
+                      + (f"\n- no comparison: {note}\n" if note else ""))
     if echo:
         console = make_console()
         emit(views[-1], "table", console)
-        console.print(f"summary: {sweep.dir / 'summary.md'} and summary.json", soft_wrap=True, highlight=False)
+        console.print(f"summary: {sweep.dir / 'summary.md'} and summary.json", soft_wrap=True, highlight=False,
+                      markup=False)  # a directory name is text, never rich markup
     return data
 

@@ -67,13 +67,13 @@ class RoleProgress:
         for role in roles:
             self._log_start(role)
             status = read_json(role.dir / "status.json", {})
-            phase = status.get("phase", "starting")
+            phase = escape(str(status.get("phase", "starting")))  # a role's file: text, never markup
             if role.returncode not in (None, 0):
                 phase = f"[red]failed (exit {role.returncode})"
             elif role.returncode == 0:
                 phase = "[green]done"
             if role.name not in self.tasks:
-                self.tasks[role.name] = self.progress.add_task(role.name, total=self.rounds, phase=phase)
+                self.tasks[role.name] = self.progress.add_task(escape(role.name), total=self.rounds, phase=phase)
             self.progress.update(self.tasks[role.name], completed=status.get("rounds_done", 0), phase=phase)
 
     def _log_start(self, role) -> None:
@@ -149,7 +149,7 @@ def print_result(result: dict, console: Console | None = None) -> None:
     console.print(f"  run directory: {escape(str(result['job_dir']))}", soft_wrap=True, highlight=False)
     for name, s in result.get("roles", {}).items():
         where = s.get("flamegraph") or f"no flamegraph: {s.get('capture_error') or s.get('flamegraph_error')}"
-        console.print(f"  {name}: {escape(str(where))}", soft_wrap=True, highlight=False)
+        console.print(f"  {escape(str(name))}: {escape(str(where))}", soft_wrap=True, highlight=False)
     for dropped in result.get("client_failures") or []:
         console.print(f"[yellow]the job went on without {escape(str(dropped.get('role')))}[/] (strategy policy): "
                       f"{escape(str(dropped.get('reason')))}", soft_wrap=True)

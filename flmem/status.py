@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -21,23 +22,49 @@ def write_json(path: Path, data) -> None:
 MAX_JSON_BYTES = 64 * 2**20  # a run's JSON files are KiB; anything far larger is not one of ours
 
 
+def open_regular(path: Path, limit: int | None = None) -> int:
+    """A read-only descriptor of ``path``, opened without blocking (``O_NONBLOCK``: a FIFO with no writer,
+    or a device, returns at once) and kept only when ``fstat`` says it is a regular file of at most
+    ``limit`` bytes (checked on the open file, so a file swapped after a check cannot slip through).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        OSError: not a regular file (a FIFO, a device, a directory, or a symlink to one), larger than
+            ``limit``, or unreadable (the message names ``path`` and says which).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise OSError(f"{path}: {st.st_size} bytes, more than the {limit} a run file may hold")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_small_text(path: Path, limit: int = MAX_JSON_BYTES) -> str:
     """The text of a run file, refusing what is no regular file (a FIFO would block the reader forever)
-    or larger than ``limit`` bytes.
+    or larger than ``limit`` bytes (see :func:`open_regular`); at most ``limit`` bytes are ever read,
+    even from a file that grows meanwhile.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         OSError: not a regular file, larger than ``limit``, or unreadable (the message says which).
+        UnicodeDecodeError (a ValueError): not UTF-8 text.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not path.is_file():
-        raise OSError(f"{path}: not a regular file")
-    size = path.stat().st_size
-    if size > limit:
-        raise OSError(f"{path}: {size} bytes, more than the {limit} a run file may hold")
-    return path.read_text()
+    with os.fdopen(open_regular(path, limit), "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path}: more than the {limit} bytes a run file may hold")
+    return data.decode("utf-8")
 
 
 def read_json(path: Path, default=None):
@@ -73,7 +100,7 @@ def read_metrics(role_dir: Path) -> list[dict]:
     out = []
     try:
         lines = read_small_text(Path(role_dir) / "metrics.jsonl").splitlines()
-    except OSError:
+    except (OSError, ValueError):  # missing, no regular file, too large, not UTF-8
         return out
     for line in lines:
         try:

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from flmem.status import open_regular
+
 
 @contextlib.contextmanager
 def _quiet_native_stderr():
@@ -32,6 +34,17 @@ def _quiet_native_stderr():
         os.close(saved)
 
 
+def _open_capture(capture: Path) -> tuple[int, str, int]:
+    """``(fd, name, size)``: ``capture`` opened and checked as a regular file on its descriptor
+    (:func:`flmem.status.open_regular`: a FIFO or a device is refused at once, never waited on), and the
+    name memray should open: where the system has ``/proc/self/fd``, that very descriptor's, so the file
+    memray reads is the one checked even if ``capture.bin`` is swapped meanwhile. The caller closes ``fd``.
+    Raises FileNotFoundError or OSError (``not a regular file``)."""
+    fd = open_regular(capture)
+    proc = f"/proc/self/fd/{fd}"
+    return fd, (proc if os.path.exists(proc) else str(capture)), os.fstat(fd).st_size
+
+
 def check_capture(capture: Path, summary: dict) -> tuple[str, str | None]:
     """The state of ``capture`` (``ok``, ``missing``, ``unreadable``, ``truncated``) and why, if not ok.
 
@@ -39,18 +52,20 @@ def check_capture(capture: Path, summary: dict) -> tuple[str, str | None]:
     with the capture's high-water mark, and its ``capture_error`` is reported for a missing file.
     """
     capture = Path(capture)
-    if not capture.exists():
+    if not os.path.lexists(capture) or (os.path.islink(capture) and not capture.exists()):
         if summary.get("capture"):
             return "missing", "capture.bin missing (it existed when the role was summarized)"
         return "missing", summary.get("capture_error") or "no capture.bin"
-    if not capture.is_file():  # a FIFO or a device would block memray's reader forever
-        return "unreadable", "capture.bin is not a regular file"
-    size = capture.stat().st_size
+    try:
+        fd, name, size = _open_capture(capture)
+    except OSError as exc:  # a FIFO or a device would block memray's reader forever: refused unopened
+        return "unreadable", ("capture.bin is not a regular file" if "not a regular file" in str(exc)
+                              else f"unreadable capture ({exc})")
     try:
         import memray
 
         with _quiet_native_stderr():
-            reader = memray.FileReader(str(capture))
+            reader = memray.FileReader(name)
             try:
                 meta = reader.metadata
                 peak, allocations = int(meta.peak_memory), int(meta.total_allocations)
@@ -58,6 +73,8 @@ def check_capture(capture: Path, summary: dict) -> tuple[str, str | None]:
                 reader.close()
     except Exception as exc:
         return "unreadable", f"unreadable capture, {size} bytes ({type(exc).__name__}: {exc})"
+    finally:
+        os.close(fd)
     if allocations == 0 or peak == 0:
         return "truncated", f"truncated capture: no allocation records in its {size} bytes"
     # memray's own high-water mark: ``tracked_peak_bytes`` when the Tracker started after the imports
@@ -92,19 +109,24 @@ def memory_over_time(capture: Path, max_points: int = 2000, heap_offset: int = 0
     capture = Path(capture)
     if not capture.exists():
         return Series([], [], [], "no capture.bin")
-    if not capture.is_file():
-        return Series([], [], [], "capture.bin is not a regular file")
+    try:
+        fd, name, _ = _open_capture(capture)
+    except OSError as exc:
+        return Series([], [], [], "capture.bin is not a regular file" if "not a regular file" in str(exc)
+                      else f"unreadable capture ({exc})")
     try:
         import memray
 
         with _quiet_native_stderr():
-            reader = memray.FileReader(str(capture))
+            reader = memray.FileReader(name)
             try:
                 snaps = list(reader.get_memory_snapshots())
             finally:
                 reader.close()
     except Exception as exc:
         return Series([], [], [], f"unreadable capture ({type(exc).__name__}: {exc})")
+    finally:
+        os.close(fd)
     if not snaps:
         return Series([], [], [], "no memory snapshots in the capture")
     step = max(1, -(-len(snaps) // max_points))

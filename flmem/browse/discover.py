@@ -59,19 +59,53 @@ def _load_role(name: str, role_dir: Path, result_summary: dict | None, finished:
         state, reason = "open", "capture still being written (role running)"
     html = role_dir / "flamegraph.html"
     fg_reason = None
-    if not html.exists():
+    if not html.is_file():  # a FIFO or device there would hang the browser that follows the link
         html = None
         fg_reason = (summary.get("flamegraph_error") or summary.get("capture_error")
                      or ("profiling.flamegraph=false, or not rendered yet" if summary else "role not finished"))
     return Role(name, role_dir, summary, status, state, reason, html, fg_reason)
 
 
+#: what a role's name may be (``server``, ``client_3``): it names a directory, so never a path
+ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+#: overrides.yaml and multirun.yaml are a few lines: anything larger is not one of ours
+MAX_YAML_BYTES = 2**20
+
+
+def _strings(items, where: str, problems: list[str]) -> list[str]:
+    """The strings of the list ``items`` (overrides), a problem noted for anything else."""
+    if not isinstance(items, list):
+        problems.append(f"{where} = {shape._show(items)} is not a list of overrides (ignored)")
+        return []
+    bad = [i for i in items if not isinstance(i, str)]
+    if bad:
+        problems.append(f"{where}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} not a string (ignored): "
+                        f"{shape._show(bad)}")
+    return [i for i in items if isinstance(i, str)]
+
+
 def load_job(job_dir: Path, name: str | None = None) -> Job:
-    """Read one job directory. Raises BrowseError when ``job_dir`` is not a directory."""
+    """Read one job directory, whatever its files hold. Raises BrowseError when ``job_dir`` is not a
+    directory; a job that cannot be read otherwise comes back with status ``damaged`` and the reason."""
     job_dir = Path(job_dir)
     if not job_dir.is_dir():
         raise BrowseError(f"{job_dir}: not a directory")
-    result, result_notes = shape.read(job_dir / "result.json")
+    try:
+        return _load_job(job_dir, name)
+    except Exception as exc:  # noqa: BLE001 - one damaged job never stops a listing
+        return damaged_job(job_dir, name, f"unreadable job ({type(exc).__name__}: {exc})")
+
+
+def damaged_job(job_dir: Path, name: str | None, reason: str) -> Job:
+    """A job that could not be read: no roles, no numbers, ``reason`` as its problem."""
+    return Job(dir=job_dir, name=name or job_dir.name, overrides={}, status="damaged", failure=None, result={},
+               roles={}, started=None, duration_s=None, model_bytes=None, rounds=[], problems=[reason])
+
+
+def _load_job(job_dir: Path, name: str | None) -> Job:
+    result_path = job_dir / "result.json"
+    result, result_notes = shape.read(result_path)
+    damaged = result is None and bool(result_notes)  # there, but no JSON object: the job's record is lost
     result = result or {}
     overrides = result.get("overrides")
     if overrides is not None and not isinstance(overrides, list):
@@ -79,18 +113,30 @@ def load_job(job_dir: Path, name: str | None = None) -> Job:
         overrides = None
     if overrides is None:
         overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
-        overrides = overrides if isinstance(overrides, list) else []
+        overrides = _strings(overrides, ".hydra/overrides.yaml", result_notes) if overrides is not None else []
+    else:
+        overrides = _strings(overrides, "result.json: overrides", result_notes)
     roles_dir = job_dir / "roles"
     saved = result.get("roles") or {}
     names = set(saved) | ({p.name for p in roles_dir.iterdir() if p.is_dir()} if roles_dir.is_dir() else set())
+    odd = sorted(n for n in names if not ROLE_NAME.fullmatch(n))
+    if odd:  # a name from result.json is data, not a path: never joined to a directory
+        result_notes.append(f"result.json: role name{'s' if len(odd) > 1 else ''} "
+                            f"{', '.join(shape._show(n) for n in odd[:3])} not a role (ignored)")
+        names -= set(odd)
     problems: list[str] = list(result_notes)
     roles = {n: _load_role(n, roles_dir / n, saved.get(n) if isinstance(saved.get(n), dict) else None,
                            bool(result), problems)
              for n in sorted(names, key=role_order)}
     problems += [f"{r.name}: {r.capture_reason}" for r in roles.values() if r.capture_state not in ("ok", "open")]
-    if result:
+    if damaged:
+        status, rounds = "damaged", []
+    elif result:
         status = result.get("status") if result.get("status") in ("completed", "failed") else "incomplete"
         rounds = result.get("rounds") or []
+        if not isinstance(rounds, list):  # shape.clean keeps a number here (status.json's rounds planned)
+            problems.append(f"result.json: rounds = {shape._show(rounds)} is not a list of rounds (ignored)")
+            rounds = []
     else:
         from flmem.status import read_metrics
 
@@ -108,6 +154,10 @@ def load_job(job_dir: Path, name: str | None = None) -> Job:
                 problems.insert(0, "no result.json: the launcher stopped before the job ended")
     model_bytes = result.get("model_bytes") or next((r.get("model_bytes") for r in roles.values()
                                                      if r.get("model_bytes")), None)
+    if not isinstance(result.get("client_rounds") or {}, dict) or any(
+            not isinstance(v, list) for v in (result.get("client_rounds") or {}).values()):
+        problems.append("result.json: client_rounds is not an object of lists of records (ignored)")
+        result["client_rounds"] = {}
     return Job(dir=job_dir, name=name or job_dir.name, overrides=parse_overrides(overrides), status=status,
                failure=result.get("failure") or None, result=result, roles=roles, started=result.get("started"),
                duration_s=result.get("duration_s"), model_bytes=model_bytes, rounds=rounds, problems=problems)
@@ -117,8 +167,8 @@ def _read_yaml(path: Path):
     try:
         import yaml
 
-        return yaml.safe_load(read_small_text(path))
-    except Exception:  # missing or half-written: treated as absent
+        return yaml.safe_load(read_small_text(path, MAX_YAML_BYTES))
+    except Exception:  # missing, half-written, no regular file or too large: treated as absent
         return None
 
 
@@ -131,11 +181,24 @@ def _job_key(path: Path):
 
 
 def _when(path: Path, jobs: list[Job]) -> datetime:
+    """When a sweep or run started: its directory's time stamp, else its jobs' ``started``, else its mtime."""
     try:
         return datetime.strptime(path.name, _STAMP)
     except ValueError:
-        started = [j.started for j in jobs if j.started]
-        return datetime.fromtimestamp(min(started) if started else path.stat().st_mtime)
+        pass
+    for stamp in sorted(j.started for j in jobs if shape.is_number(j.started)) + [_mtime(path)]:
+        try:
+            return datetime.fromtimestamp(stamp)
+        except (OverflowError, OSError, ValueError):  # a time no clock can show: the next candidate
+            continue
+    return datetime.fromtimestamp(0)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _expected(task_overrides: list[str]) -> int | None:
@@ -162,9 +225,12 @@ def load_sweep(sweep_dir: Path) -> Sweep:
         raise BrowseError(f"{sweep_dir}: not a flmem sweep or run (no multirun.yaml, result.json or job "
                           "directories in it)")
     jobs = [load_job(p) for p in subdirs]
-    multirun = _read_yaml(sweep_dir / "multirun.yaml") or {}
-    task = (((multirun.get("hydra") or {}).get("overrides") or {}).get("task")) or []
-    return Sweep(sweep_dir, "sweep", jobs, _when(sweep_dir, jobs), _expected(task), [str(t) for t in task])
+    multirun = _read_yaml(sweep_dir / "multirun.yaml")
+    task = multirun.get("hydra") if isinstance(multirun, dict) else None
+    task = task.get("overrides") if isinstance(task, dict) else None
+    task = task.get("task") if isinstance(task, dict) else None
+    task = _strings(task, "multirun.yaml", []) if task is not None else []
+    return Sweep(sweep_dir, "sweep", jobs, _when(sweep_dir, jobs), _expected(task), task)
 
 
 def list_outputs(root: Path) -> list[Sweep]:

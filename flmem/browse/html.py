@@ -37,7 +37,7 @@ table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 7px;vertical-align:top}
 th{background:#f4f4f6;text-align:center;font-weight:600}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.failed td{background:#fdecec} tr.running td,tr.incomplete td{background:#fff8e1}
+tr.failed td,tr.damaged td{background:#fdecec} tr.running td,tr.incomplete td{background:#fff8e1}
 tr.noise td{color:#888} td.better{color:#17803d;font-weight:600} td.worse{color:#c62828;font-weight:600}
 .notes{color:#555;font-size:13px;margin:4px 0 10px 18px;padding:0}
 figure{margin:10px 0 18px} figure img{max-width:100%;border:1px solid #eee}

@@ -53,7 +53,8 @@ class Role:
 
 @dataclass
 class Job:
-    """One Hydra job; ``status`` is completed | failed | running | incomplete."""
+    """One Hydra job; ``status`` is completed | failed | running | incomplete | damaged (its result.json is
+    there but unusable, or the job could not be read at all: ``problems`` says why)."""
 
     dir: Path
     name: str
@@ -107,3 +108,7 @@ class Sweep:
     @property
     def running(self) -> int:
         return sum(j.status in ("running", "incomplete") for j in self.jobs)
+
+    @property
+    def damaged(self) -> int:
+        return sum(j.status == "damaged" for j in self.jobs)

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from flmem.browse.tables import Column
 from flmem.termtable import FitColumn, fit_table, make_console, quiet_broken_pipe  # noqa: F401 (make_console)
@@ -93,7 +93,7 @@ def _style(row: dict) -> str | None:
         if diff:
             better = diff > 0 if row.get("kind") == "accuracy" else diff < 0
             return "green" if better else "red"
-    if row.get("status") == "failed":
+    if row.get("status") in ("failed", "damaged"):
         return "red"
     if row.get("status") in ("running", "incomplete"):
         return "yellow"
@@ -135,7 +135,7 @@ def fit_column(col: Column) -> FitColumn:
 
 def print_table(view: View, console: Console) -> None:
     """Each section as a table no wider than ``console.width``; notes below, never wrapped by rich."""
-    console.print(f"[bold]{escape(view.title)}[/bold]", soft_wrap=True)
+    console.print(Text(view.title, style="bold"), soft_wrap=True)  # text, never markup
     for section in view.sections:
         cols = people(section)
         rows = [[cell(row, c) for c in cols] for row in section.rows]

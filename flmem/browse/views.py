@@ -120,7 +120,7 @@ def sweep_view(sweep: Sweep, filters: list[str] = (), sort: str | None = None) -
     if sizes:
         notes.append(sizes)
     title = (f"sweep {short(sweep.dir)}: {plural(len(sweep.jobs), 'job')}, {sweep.failed} failed, "
-             f"{sweep.running} running or incomplete")
+             f"{sweep.running} running or incomplete" + (f", {sweep.damaged} damaged" if sweep.damaged else ""))
     return View(title, [Section("jobs", "", columns, rows)], notes,
                 {"dir": str(sweep.dir), "varying": sweep.varying})
 
@@ -205,8 +205,13 @@ def run_view(job: Job, top: int = 5) -> View:
     client_rounds = job.result.get("client_rounds") or {}
     rounds = []
     for rec in job.rounds:
-        per_client = [c for recs in client_rounds.values() for c in recs if c.get("round") == rec.get("round")]
-        mean = (lambda k: sum(c[k] for c in per_client if k in c) / len(per_client) if per_client else None)
+        per_client = [c for recs in client_rounds.values() if isinstance(recs, list) for c in recs
+                      if isinstance(c, dict) and c.get("round") == rec.get("round")]
+
+        def mean(key):  # over the clients that recorded a number: files are untrusted
+            values = [v for c in per_client if (v := finite(c.get(key))) is not None]
+            return sum(values) / len(values) if values else None
+
         rounds.append({**rec, "client_train_s": mean("train_s"), "client_loss": mean("loss")})
     m = job.model_bytes
     notes = [f"status: {job.status}" + (f"; failed role {job.failure_text}" if job.failure else ""),
