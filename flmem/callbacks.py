@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from flmem.interrupt import WATCHED, expect_run, expect_sweep
-from flmem.status import read_json, write_json
+from flmem.status import read_json
 
 #: one entry per sweep this process ran: {"sweep", "jobs", "failed", "planned"}; ``launch.py`` exits 1
 #: when any sweep had a failed or missing job.
@@ -223,7 +223,7 @@ def write_summary(sweep_dir: Path, key: str | None = None, rel_noise: float = 0.
             "failures": [{"job": j.name, "dir": str(j.dir), **(j.failure or {"role": None, "reason": j.status})}
                          for j in sweep.jobs if j.status != "completed"],
             "comparison": comparison.as_dict() if comparison else None, "comparison_note": note}
-    write_json(sweep.dir / "summary.json", data)
+    write_text_atomic(sweep.dir / "summary.json", json.dumps(data, indent=2, default=str))
     write_text_atomic(sweep.dir / "summary.md", "\n".join(to_markdown(v) for v in views)
                       + (f"\n- no comparison: {note}\n" if note else ""))
     if echo:

@@ -89,8 +89,7 @@ def _open(page_path: Path, profile: Path, click: bool = False) -> tuple[dict, li
     """The page's facts after load (PAGE_FACTS); with ``click``, then also the global and title after a
     click on the link whose decoded href starts with ``javascript:`` (it must open the flamegraph file)."""
     with Page(chromium_argv(browser_or_skip(), profile), page_path.as_uri()) as page:
-        page.wait_for("document.readyState === 'complete'")
-        page.evaluate("new Promise(done => setTimeout(done, 500))")  # an onerror fires after the image fails
+        page.wait_for("document.readyState === 'complete'")  # after every image loaded or failed (and its onerror)
         facts = page.evaluate(PAGE_FACTS)
         if click:
             facts["clicked"] = page.evaluate(CLICK)

@@ -80,7 +80,7 @@ def _links(roles, base: Path) -> str:
         if link:
             parts.append(f'<a class="flamegraph" href="{esc(link)}">{esc(r.name)}</a>')
         else:
-            why = r.flamegraph_reason or "" if not r.flamegraph else "its flamegraph lies outside the report's directory"
+            why = (r.flamegraph_reason or "") if not r.flamegraph else "the flamegraph is outside the report's folder"
             parts.append(f'<span class="no-flamegraph" title="{esc(why)}">{esc(r.name)}: none</span>')
     return " · ".join(parts) or "-"
 
