@@ -353,3 +353,19 @@ def test_an_unreadable_job_does_not_stop_the_sweep(tmp_path, capture):
     assert [j.name for j in loaded.jobs] == ["0", "1"] and loaded.jobs[0].status == "completed"
     assert any("not a role" in p for p in loaded.jobs[1].problems), loaded.jobs[1].problems
     assert not any(r.dir.resolve().is_relative_to(Path("/abs")) for r in loaded.jobs[1].roles.values())
+
+
+@pytest.mark.slow
+def test_launcher_sweep_summary_prints_markup_in_its_directory_literally(tmp_path):
+    """A real sweep (its two jobs fail config validation: no role starts) into a directory whose path holds
+    rich markup: the launcher prints the summary's table and the summary line with the path as written."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "launch.py"), "-m", "optimize=true,false", "num_clients=0",
+                           f"hydra.sweep.dir='out/s{MARKUP}d'"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, COLUMNS="200"))
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the jobs failed, as planned; the launcher did not crash
+    assert "MarkupError" not in proc.stdout + proc.stderr and "could not summarize" not in proc.stdout
+    sweep = tmp_path / "out" / f"s{MARKUP}d"
+    assert f"summary: {sweep / 'summary.md'} and summary.json" in proc.stdout, proc.stdout[-3000:]
+    assert f"sweep out/s{MARKUP}d: optimize=False (before) vs optimize=True (after)" in proc.stdout
+    assert json.loads((sweep / "summary.json").read_text())["jobs_failed"] == 2
