@@ -247,6 +247,10 @@ def list_outputs(root: Path) -> list[Sweep]:
                     found.append(load_sweep(path))
                 except BrowseError:
                     continue  # a stray directory: not ours to list
+                except OSError as exc:  # unreadable: listed as one damaged job, the rest still listed
+                    job = damaged_job(path, path.name, f"unreadable directory ({exc})")
+                    found.append(Sweep(path, "run" if sub == "runs" else "sweep", [job],
+                                       _when(path, [])))
     return sorted(found, key=lambda s: s.when, reverse=True)
 
 
