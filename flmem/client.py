@@ -72,7 +72,7 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
         if connection is not None:
             with phases.fl("fetch", r):
                 fetched = connection.fetch(r, rank)
-                if not isinstance(fetched, Skip):
+                if not isinstance(fetched, (Skip, Resend)):
                     header, finished, chunks = fetched
                     codec.receive_into(header, chunks, state)
             if isinstance(fetched, Resend):  # the aggregate that held this client's last update was discarded
