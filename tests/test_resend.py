@@ -1,6 +1,13 @@
 """A client that fails after part of its update was combined, over real gRPC on 127.0.0.1: on the optimized path the
 round's aggregate restarts without it, the clients whose values were used send theirs again, and the new global
 model equals the original path's, bit for bit."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from functools import partial
@@ -18,6 +25,7 @@ from flmem.server import RoundServer
 from flmem.strategies import FedAvg, FedMedian
 from flmem.trainer import Trainer
 from flmem.transport import ServerConnection, serve
+from conftest import REPO, TINY, job_dirs, result
 from test_transport import DS
 
 CHUNK = 64 * 1024
@@ -155,3 +163,50 @@ def test_a_client_failing_mid_update_is_dropped_alone_and_the_round_restarts(str
         round0 = clients[rank][0]
         assert round0["accepted"] is True and round0.get("resends", 0) == (1 if rank in asked else 0), round0
     assert hist_o[-1]["test_accuracy"] == hist_p[-1]["test_accuracy"]
+
+
+def bytes_sent(pid: int) -> int:
+    """TCP payload bytes process ``pid`` has sent so far on its open connections (the kernel's count, ``ss``)."""
+    lines = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    return sum(int(m.group(1)) for line, info in zip(lines, lines[1:]) if f"pid={pid}," in line
+               for m in [re.search(r"bytes_sent:(\d+)", info)] if m)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss to see a client's upload progress")
+def test_a_client_killed_while_its_update_is_added_is_dropped_and_the_job_completes(tmp_path):
+    # A 173 MB model, so that an upload lasts long enough to be caught half sent. Client 1's bytes leave only as
+    # fast as the server adds them to the running sum (flow control holds the rest), after client 0's update: once
+    # a quarter of them has left, part of its update is in the sum, and SIGKILL ends it there.
+    model = ["model=transformer", "dataset=tokens", "model.d_model=768", "model.n_layers=6"]
+    from flmem.models import DecoderLM
+    size = serde.model_bytes(DecoderLM(vocab_size=512, seq_len=64, d_model=768, n_layers=6).state_dict())
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *TINY, *model, "num_clients=3", "rounds=3",
+                             "client.mode=comm_only", "strategy.min_fit_clients=2", "evaluate=false",
+                             "save_global_model=false"], cwd=tmp_path, env=dict(os.environ, COLUMNS="200"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, pid, killed_in = time.time() + 600, None, None
+    while time.time() < deadline and proc.poll() is None and killed_in is None:
+        if pid is None:
+            status = next(tmp_path.glob("outputs/runs/*/roles/client_1/status.json"), None)
+            try:
+                pid = json.loads(status.read_text()).get("pid") if status else None
+            except ValueError:
+                pass
+            continue
+        sent = bytes_sent(pid)
+        if size // 4 < sent % size < 3 * size // 4:  # round k's upload half sent (fetch requests are bytes)
+            os.kill(pid, signal.SIGKILL)
+            killed_in = sent // size
+        time.sleep(0.005)
+    out, _ = proc.communicate(timeout=600)
+    assert killed_in is not None, f"client 1 was never caught half way through an upload:\n{out}"
+    res = result(job_dirs(tmp_path)[0])
+    assert proc.returncode == 0 and res["status"] == "completed", out
+    assert [f["role"] for f in res["client_failures"]] == ["client_1"] and res["exit_codes"]["client_1"] == -9
+    rounds = res["rounds"]
+    hit = rounds[killed_in]
+    assert [f["rank"] for f in hit["failures"]] == [1] and hit["updates"] == 2, hit
+    assert hit["restarts"] == 1 and hit["resends"] == 1, hit  # client 0's update was in the sum: sent again
+    assert all(r["updates"] == 3 and r["restarts"] == 0 for r in rounds[:killed_in])
+    assert all(r["sampled"] == [0, 2] and r["updates"] == 2 for r in rounds[killed_in + 1:])
