@@ -210,3 +210,5 @@ def test_a_client_killed_while_its_update_is_added_is_dropped_and_the_job_comple
     assert hit["restarts"] == 1 and hit["resends"] == 1, hit  # client 0's update was in the sum: sent again
     assert all(r["updates"] == 3 and r["restarts"] == 0 for r in rounds[:killed_in])
     assert all(r["sampled"] == [0, 2] and r["updates"] == 2 for r in rounds[killed_in + 1:])
+    # the restart allocates nothing: the sum is zeroed in its own storage (FedAvg's target, exact peak heap)
+    assert res["roles"]["server"]["working_heap_in_M"] <= 2.5, res["roles"]["server"]
