@@ -125,7 +125,8 @@ class RoundServer:
         return header, round_idx == self.rounds, chunks
 
     def _resend_asked(self, round_idx: int, rank: int) -> bool:
-        """Client ``rank``, asking for round ``round_idx``, must first send its update of the round before again."""
+        """Client ``rank``, asking for round ``round_idx``, must first send its round-``round_idx - 1`` update again
+        (lock held)."""
         return self.current is not None and self.current.round == round_idx - 1 and \
             self.current.status.get(rank) == "resend"
 
@@ -232,7 +233,7 @@ class RoundServer:
             if self.strategy.running.abandon(turn.number):  # its later folds are refused either way
                 state.restart(self.departed)
 
-    def _lockstep_dropped(self, late, restarted: bool) -> None:
+    def _lockstep_dropped(self, late: dict[int, str], restarted: bool) -> None:
         """The lockstep dropped participants that stalled (called outside its lock)."""
         with self.cond:
             for rank, reason in late.items():

@@ -145,7 +145,7 @@ class ServerConnection:
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
                                  "check server.address and that the server role runs") from None
 
-    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip:
+    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip | Resend:
         """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``, or :class:`Skip`
         when this client does not train in that round, or :class:`Resend` when it must push its last update
         again first."""
