@@ -21,6 +21,7 @@ from flmem.client import run_client
 from flmem.codec import ModelCodec
 from flmem.models import SmallCNN
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
+from flmem.rounds import RoundState, UpdateRefused
 from flmem.server import RoundServer
 from flmem.strategies import FedAvg, FedMedian
 from flmem.trainer import Trainer
@@ -163,6 +164,32 @@ def test_a_client_failing_mid_update_is_dropped_alone_and_the_round_restarts(str
         round0 = clients[rank][0]
         assert round0["accepted"] is True and round0.get("resends", 0) == (1 if rank in asked else 0), round0
     assert hist_o[-1]["test_accuracy"] == hist_p[-1]["test_accuracy"]
+
+
+def test_a_restart_asks_the_combined_clients_again_and_fails_those_gone():
+    state = RoundState(3, [0, 1, 2, 3])
+    for rank in (0, 1, 2):
+        state.claim(rank)
+    state.set(0, "done")
+    state.set(1, "done")
+    state.set(2, "combining")
+    assert state.fail(2, "update refused: ValueError: chunk past the end") == "combining"
+    assert state.restart({1: "its connection closed"}) == [0]
+    assert state.status == {0: "resend", 1: "failed", 2: "failed", 3: "pending"}
+    assert [f["rank"] for f in state.failures] == [2, 1] and "left the job" in state.failures[1]["reason"]
+    assert state.pending() == [0, 3] and state.turn() == 0 and not state.settled()
+    state.claim(0)  # the same update again
+    with pytest.raises(UpdateRefused, match="already sent"):
+        state.claim(0)
+    state.set(0, "done")
+    state.claim(3)
+    state.resend(3)  # a chunk-aligned restart: the stream in flight is sent again
+    assert state.status[3] == "resend" and state.pending() == [3]
+    state.claim(3)
+    state.set(3, "done")
+    assert state.settled() and state.arrived() == [0, 3]
+    assert state.record() == {"sampled": [0, 1, 2, 3], "updates": 2, "failures": state.failures, "restarts": 1,
+                              "resends": 2}
 
 
 def bytes_sent(pid: int) -> int:
