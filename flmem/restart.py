@@ -16,14 +16,16 @@ on the server. Instead the round's aggregate is computed again from the start wi
   fetches round r+1 again. Folding restarts from zero in rank order; clients whose turn had not come are
   unaffected (their streams wait in gRPC flow control).
 * Coordinate strategies. The reduction computes chunk k of the new global model from the clients' values only
-  (the old global model is never read, and nothing reads the global model during a round: every sampled client
-  fetched it before any update could be reduced, the others are answered with ``skip``), so the lockstep restarts
-  at chunk 0 with the remaining participants and recomputes every chunk. Their PushUpdate handlers, in flight,
-  end with ``PushReply.resend = true``; their clients push the same update again at once.
+  (the old global model is never read; nor is it served to a participant during the reduction: chunk 0 is
+  reduced only once every participant has sent, hence fetched, its update; clients not sampled are answered with
+  ``skip``, and one dropped before it fetched may get a model being rewritten, but its update is refused anyway),
+  so the lockstep restarts at chunk 0 with the remaining participants and recomputes every chunk. Their
+  PushUpdate handlers, in flight, end with ``PushReply.resend = true``; their clients push the same update again
+  at once.
 
 Bounds: each restart follows the failure of a client that is then out of the round, so a round restarts at most
-N - 1 times; the round's metrics record counts ``restarts`` and ``resends`` (updates asked again) next to
-``failures``. Whether the round still completes is the strategy's policy (``min_fit_clients``,
+N times (once per failed client); the round's metrics record counts ``restarts`` and ``resends`` (updates asked
+again) next to ``failures``. Whether the round still completes is the strategy's policy (``min_fit_clients``,
 ``accept_failures``), as for any failed update. Memory: nothing is allocated by a restart (the sum is zeroed in its
 own storage; the lockstep holds at most N chunks, as before). Numbers: after a restart the round adds (or reduces)
 exactly the surviving updates, in rank order, from zero, so the new global model equals the original path's
