@@ -1,14 +1,16 @@
 """One round's participation: which clients were sampled, whose update arrived, who failed and why.
 
-Status of a sampled client in the round: ``pending`` (no update yet), ``receiving`` (its stream is being read),
-``combining`` (its values are being added into the round's aggregate; a failure now spoils the aggregate),
-``done`` or ``failed``. The server holds the lock around every call (see :class:`flmem.server.RoundServer`).
+Status of a sampled client in the round: ``pending`` (no update yet), ``resend`` (its update was received, but the
+round's aggregate was discarded because another client failed after part of its update was combined: it must send
+the same update again, see :mod:`flmem.restart`), ``receiving`` (its stream is being read), ``combining`` (its
+values are being added into the round's running sum), ``done`` or ``failed``. The server holds the lock around
+every call (see :class:`flmem.server.RoundServer`).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-OPEN = ("pending", "receiving", "combining")
+OPEN = ("pending", "resend", "receiving", "combining")
 
 
 class UpdateRefused(ValueError):
@@ -23,6 +25,8 @@ class RoundState:
         self.sampled = sorted(sampled)
         self.status = {rank: "pending" for rank in self.sampled}
         self.failures: list[dict] = []
+        self.restarts = 0  # times the round's aggregate was discarded and combining began again
+        self.resends = 0   # updates the server asked to be sent again
 
     def claim(self, rank: int) -> None:
         """Client ``rank`` starts sending its update. Raises UpdateRefused when it may not."""
@@ -31,7 +35,7 @@ class RoundState:
         if self.status[rank] == "failed":
             why = next(f["reason"] for f in self.failures if f["rank"] == rank)
             raise UpdateRefused(f"client {rank} is out of round {self.round} already ({why})")
-        if self.status[rank] != "pending":
+        if self.status[rank] not in ("pending", "resend"):
             raise UpdateRefused(f"client {rank} already sent an update for round {self.round}")
         self.status[rank] = "receiving"
 
@@ -48,6 +52,30 @@ class RoundState:
         self.failures.append({"rank": rank, "reason": reason})
         return before
 
+    def restart(self, gone: dict[int, str]) -> list[int]:
+        """The round's running sum was discarded: every ``done`` client must send its update again (status
+        ``resend``), except those in ``gone`` (rank -> why: they left the job), which fail. Returns the ranks asked."""
+        asked = []
+        for rank in self.sampled:
+            if self.status[rank] != "done":
+                continue
+            if rank in gone:
+                self.status[rank] = "failed"
+                self.failures.append({"rank": rank, "reason": f"left the job: {gone[rank]}"})
+            else:
+                self.status[rank] = "resend"
+                asked.append(rank)
+        self.restarts += 1
+        self.resends += len(asked)
+        return asked
+
+    def resend(self, rank: int) -> None:
+        """Client ``rank``'s update in flight was not used (the chunk-aligned reduction restarted): it sends it
+        again."""
+        if self.status.get(rank) in OPEN:
+            self.status[rank] = "resend"
+            self.resends += 1
+
     def turn(self) -> int | None:
         """The rank whose update is added next: updates are added in rank order, so the sum is the same float
         whatever order they arrive in."""
@@ -60,7 +88,9 @@ class RoundState:
         return [k for k in self.sampled if self.status[k] == "done"]
 
     def pending(self) -> list[int]:
-        return [k for k in self.sampled if self.status[k] == "pending"]
+        """The clients whose update (or its resending) has not begun."""
+        return [k for k in self.sampled if self.status[k] in ("pending", "resend")]
 
     def record(self) -> dict:
-        return {"sampled": list(self.sampled), "updates": len(self.arrived()), "failures": list(self.failures)}
+        return {"sampled": list(self.sampled), "updates": len(self.arrived()), "failures": list(self.failures),
+                "restarts": self.restarts, "resends": self.resends}

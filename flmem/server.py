@@ -10,7 +10,9 @@ What the server keeps is the strategy's business (:mod:`flmem.strategies`): on t
 (``streaming=False``) every update is received whole and handed to ``strategy.accept``; on the optimized path
 updates are added to a running sum one at a time in rank order (``combine = "sum"``), or chunk k of every update is
 reduced together (``combine = "coordinate"``, :mod:`flmem.lockstep`). The global model is served from its own
-storage on both paths (each fetch encodes it anew).
+storage on both paths (each fetch encodes it anew). On the optimized path a client that fails after part of its
+update was combined is one failed update too: the round's aggregate restarts without it and the clients whose
+values were used send theirs again (:mod:`flmem.restart`).
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import torch
 
 from flmem import serde
 from flmem.codec import ModelCodec, check_claimed_size
-from flmem.lockstep import AlignedChunks, RoundSpoiledError
+from flmem.lockstep import AlignedChunks
 from flmem.phases import NO_PHASES, PhaseLog
-from flmem.rounds import RoundState, UpdateRefused
+from flmem.restart import ResendRequested
+from flmem.rounds import OPEN, RoundState, UpdateRefused
 from flmem.strategies.base import RoundFailedError, Strategy
 from flmem.trainer import evaluate
 
@@ -74,7 +77,7 @@ class RoundServer:
         self.history: list[dict] = []
         self.transfers: list[dict] = []  # per model stream: direction, rank, bytes, seconds (encode + send/receive)
         self._serving: dict[tuple[int, int], tuple[float, int]] = {}
-        self._folds_at_turn = 0  # RunningSum.folds when the combining update's turn began
+        self._turn = None  # (rank, UpdateTurn) of the update being added to the running sum
 
     # ---------------------------------------------------------------- called by gRPC handlers
     def join(self, rank: int) -> None:
@@ -104,7 +107,11 @@ class RoundServer:
         with self.cond:
             # No deadline here: a round may take timeouts.round_s plus aggregation and evaluation; the client's
             # own call deadline (timeouts.rpc_s) bounds the wait.
-            self.cond.wait_for(lambda: self.published >= round_idx or self.errors or self.finished.is_set())
+            self.cond.wait_for(lambda: self.published >= round_idx or self.errors or self.finished.is_set()
+                               or self._resend_asked(round_idx, rank))
+            if self._resend_asked(round_idx, rank):  # its update was in a discarded sum: it sends it again first
+                raise ResendRequested(f"client {rank}'s round-{round_idx - 1} update was in a discarded sum",
+                                      round_idx - 1)
             if self.errors or self.published < round_idx:
                 raise RuntimeError(f"server failed: {self.errors[0] if self.errors else 'it stopped early'}")
             self.joined.add(rank)
@@ -116,6 +123,12 @@ class RoundServer:
         header, chunks = self.codec.encode(self.state)
         self._serving[(round_idx, rank)] = (started, header["total_bytes"])
         return header, round_idx == self.rounds, chunks
+
+    def _resend_asked(self, round_idx: int, rank: int) -> bool:
+        """Client ``rank``, asking for round ``round_idx``, must first send its round-``round_idx - 1`` update again
+        (lock held)."""
+        return self.current is not None and self.current.round == round_idx - 1 and \
+            self.current.status.get(rank) == "resend"
 
     def fetch_done(self, round_idx: int, rank: int) -> None:
         """Called when the round-``round_idx`` global model has been streamed to client ``rank``."""
@@ -132,7 +145,8 @@ class RoundServer:
         refused (the client is then out of the round; the round goes on without it).
 
         Raises:
-            RoundSpoiledError: the update failed after part of it was combined (the round cannot complete).
+            ResendRequested: the update was not used (the round's aggregate restarted without a failed client):
+                the client must send it again.
         """
         with self.cond:
             try:
@@ -149,20 +163,16 @@ class RoundServer:
         try:
             started = time.time()
             queued_s = self._take(state, rank, num_samples, header, chunks)
-        except RoundSpoiledError:
+        except ResendRequested:  # the chunk-aligned reduction restarted without another client
+            with self.cond:
+                state.resend(rank)
+                self.cond.notify_all()
             raise
         except Exception as exc:  # noqa: BLE001 - a bad update is refused alone
             reason = f"update refused: {type(exc).__name__}: {exc}"
-            with self.cond:
-                spoiled = state.status.get(rank) == "combining" and self.strategy.running.folds > self._folds_at_turn
-                state.fail(rank, reason)
+            with self.cond:  # if part of it was combined, the round's aggregate restarts without it
+                self._fail(rank, reason)
                 self.cond.notify_all()
-            if self.lockstep is not None:
-                self.lockstep.drop(rank, reason)
-            if spoiled:
-                raise RoundSpoiledError(f"client {rank} failed after part of its update was added to the running "
-                                        f"sum ({reason}); the sum cannot be taken back "
-                                        "(optimization.aggregation=false keeps whole updates)") from exc
             return False, reason
         with self.cond:
             self.transfers.append({"direction": "update", "rank": rank, "bytes": header["total_bytes"],
@@ -190,13 +200,19 @@ class RoundServer:
         # chunk each), and the sum is the same float whatever order the updates arrive in.
         queued = time.time()
         with self.cond:
-            self.cond.wait_for(lambda: state.turn() == rank or self.errors)
+            self.cond.wait_for(lambda: (state.turn() == rank and self._turn is None) or self.errors
+                               or state.status.get(rank) not in OPEN)
             if self.errors:
                 raise RuntimeError(f"server failed: {self.errors[0]}")
+            if state.status.get(rank) not in OPEN:
+                raise UpdateRefused(f"client {rank} is out of round {state.round} while its update waited for its turn")
             state.set(rank, "combining")
-            self._folds_at_turn = self.strategy.running.folds  # one update combines at a time (rank order)
+            turn = self._turn = (rank, self.strategy.running.turn())  # one update combines at a time (rank order)
         queued = time.time() - queued
-        self.codec.fold(header, chunks, self.strategy.running, weight)
+        self.codec.fold(header, chunks, turn[1], weight)  # on failure the turn stays open until _fail closes it
+        with self.cond:
+            if self._turn is turn:
+                self._turn = None
         return queued
 
     def record_error(self, exc: BaseException) -> None:
@@ -205,9 +221,25 @@ class RoundServer:
             self.cond.notify_all()
 
     def _fail(self, rank: int, reason: str) -> None:
-        """Take ``rank`` out of the current round (lock held)."""
-        if self.current is not None and self.current.fail(rank, reason) is not None and self.lockstep is not None:
-            self.lockstep.drop(rank, reason)  # lock order: server, then lockstep (never the other way)
+        """Take ``rank`` out of the current round (lock held); if part of its update was combined, the round's
+        aggregate restarts without it (:mod:`flmem.restart`)."""
+        state = self.current
+        if state is None or state.fail(rank, reason) is None:
+            return
+        if self.lockstep is not None and self.lockstep.drop(rank, reason):  # lock order: server, then lockstep
+            state.restarts += 1
+        if self._turn is not None and self._turn[0] == rank:
+            turn, self._turn = self._turn[1], None
+            if self.strategy.running.abandon(turn.number):  # its later folds are refused either way
+                state.restart(self.departed)
+
+    def _lockstep_dropped(self, late: dict[int, str], restarted: bool) -> None:
+        """The lockstep dropped participants that stalled (called outside its lock)."""
+        with self.cond:
+            for rank, reason in late.items():
+                self._fail(rank, reason)
+            self.current.restarts += restarted
+            self.cond.notify_all()
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.num_clients:
@@ -233,11 +265,12 @@ class RoundServer:
             except ValueError as exc:
                 raise RoundFailedError(f"{exc}; left: {self.departed or 'none'}") from None
             self.strategy.begin_round(r, self.state)
-            self.current = RoundState(r, sampled)
+            self.current, self._turn = RoundState(r, sampled), None
             if self.streaming and self.strategy.combine == "coordinate":
                 self.lockstep = AlignedChunks(self.layout, self.codec.chunk_size, sampled,
                                               lambda offset, datas: self.strategy.reduce_chunk(
-                                                  self.layout, offset, datas, self.state), self.round_timeout_s)
+                                                  self.layout, offset, datas, self.state), self.round_timeout_s,
+                                              self._lockstep_dropped)
             self.published = r
             self.cond.notify_all()
             return self.current
@@ -247,7 +280,6 @@ class RoundServer:
 
         Raises:
             RoundFailedError: a round's updates do not satisfy the strategy's failure policy.
-            RoundSpoiledError: a client failed after part of its update was combined.
             RoundTimeoutError: the final model was not fetched in time.
         """
         try:
@@ -268,8 +300,6 @@ class RoundServer:
                     if not self._wait(state.settled, self.round_timeout_s):
                         raise RoundFailedError(f"round {r}: updates still streaming after 2 x timeouts.round_s")
                 with self.cond:
-                    if self.lockstep is not None and self.lockstep.spoiled:
-                        raise RoundSpoiledError(self.lockstep.spoiled)
                     self.strategy.check_round(r, state.arrived(), state.failures)
             with self.phases.fl("aggregate", r):
                 agg_start = time.time()

@@ -2,7 +2,8 @@
 
 Nothing above this module sees a protobuf message: the server side calls a
 :class:`~flmem.server.RoundServer`'s ``join``/``global_model``/``receive_update``, the client side
-gets ``(header, finished, chunks)`` where chunks are ``(offset, bytes)`` pairs, or :class:`Skip`.
+gets ``(header, finished, chunks)`` where chunks are ``(offset, bytes)`` pairs, or :class:`Skip`, or
+:class:`Resend` (see :mod:`flmem.restart`).
 Send and receive limits on both sides come from one value, ``transport.max_message_bytes``.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import grpc
 
 from flmem import serde
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
+from flmem.restart import ResendRequested
 
 
 class TransportError(RuntimeError):
@@ -25,9 +27,15 @@ class Skip(NamedTuple):
     next_round: int  # the round to ask for next
 
 
+class Resend(NamedTuple):
+    """The server's answer to a fetch when it discarded the aggregate holding this client's last update."""
+    round: int  # the round whose update is to be pushed again before fetching again
+
+
 class PushResult(NamedTuple):
     accepted: bool
-    reason: str  # why the update was refused ("" when accepted)
+    reason: str  # why the update was refused or is asked again ("" when accepted)
+    resend: bool = False  # the update was not used: push the same update again at once
 
 
 def channel_options(max_message_bytes: int, lean: bool = False) -> list[tuple[str, int]]:
@@ -59,6 +67,9 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
     def FetchGlobalModel(self, request, context):
         try:
             header, finished, chunks = self.fl.global_model(request.round, request.client_rank)
+        except ResendRequested as exc:
+            yield flmem_pb2.ModelChunk(resend=True, round=exc.round)
+            return
         except Exception as exc:  # report to the client instead of a bare "Exception calling application"
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
         if header is None:
@@ -79,6 +90,8 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         try:
             accepted, reason = self.fl.receive_update(first.round, first.client_rank, first.num_samples, header,
                                                       chunks)
+        except ResendRequested as exc:
+            return flmem_pb2.PushReply(round=first.round, resend=True, reason=str(exc))
         except Exception as exc:  # the round cannot go on: the server fails, and says why to every client
             self.fl.record_error(exc)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
@@ -132,9 +145,10 @@ class ServerConnection:
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
                                  "check server.address and that the server role runs") from None
 
-    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip:
+    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip | Resend:
         """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``, or :class:`Skip`
-        when this client does not train in that round."""
+        when this client does not train in that round, or :class:`Resend` when it must push its last update
+        again first."""
         stream = self.stub.FetchGlobalModel(flmem_pb2.FetchRequest(client_rank=rank, round=round_idx),
                                             timeout=self.timeout)
         try:
@@ -145,6 +159,9 @@ class ServerConnection:
         if first.skip:
             stream.cancel()
             return Skip(first.round)
+        if first.resend:
+            stream.cancel()
+            return Resend(first.round)
         return serde.loads_header(first.header), first.finished, _chunks(stream, self.address)
 
     def push(self, round_idx: int, rank: int, num_samples: int, header: dict,
@@ -157,7 +174,7 @@ class ServerConnection:
                 yield flmem_pb2.ModelChunk(offset=offset, data=data)
         try:
             reply = self.stub.PushUpdate(messages(), timeout=self.timeout)
-            return PushResult(reply.accepted, reply.reason)
+            return PushResult(reply.accepted, reply.reason, reply.resend)
         except grpc.RpcError as exc:
             raise TransportError(f"sending the round-{round_idx} update of client {rank} to {self.address}: "
                                  f"{exc.code().name}: {exc.details()}") from None

@@ -7,9 +7,11 @@ import torch
 
 from flmem import serde
 from flmem.codec import ModelCodec
-from flmem.lockstep import AlignedChunks, RoundSpoiledError
+from flmem.lockstep import AlignedChunks
+from flmem.restart import ResendRequested
 from flmem.strategies import (FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedYogi, RoundFailedError,
                               RunningSum, TrimmedMean, aggregate)
+from flmem.strategies.fedavg import SumDiscardedError
 
 TAU, B1, B2, ETA = 1e-3, 0.9, 0.99, 0.1
 
@@ -153,7 +155,7 @@ def test_optimized_path_equals_original_bit_for_bit(make, serde_opt):
     assert not torch.equal(expected["conv"], start["conv"])
 
 
-def test_lockstep_drops_a_client_that_never_sent_and_is_spoiled_by_one_that_stopped():
+def test_lockstep_drops_a_client_that_never_sent_and_restarts_without_one_that_stopped():
     clients = make_clients(3)
     layout = serde.Layout.of(clients[0][0])
     codec = ModelCodec(True, True, chunk_size=1024)
@@ -163,31 +165,116 @@ def test_lockstep_drops_a_client_that_never_sent_and_is_spoiled_by_one_that_stop
     feeders = [threading.Thread(target=lockstep.feed, args=(k, codec.encode(clients[k][0])[1])) for k in (0, 1)]
     for t in feeders:
         t.start()
-    lockstep.drop(2, "left")  # before it sent anything: the others go on without it
+    assert lockstep.drop(2, "left") is False  # before it sent anything: the others go on without it
     for t in feeders:
         t.join(30)
-    assert lockstep.index == lockstep.num_chunks and lockstep.spoiled is None
+    assert lockstep.index == lockstep.num_chunks and lockstep.restarts == 0
     expected = {k: torch.zeros_like(v) for k, v in target.items()}
     median.updates = {0: clients[0], 1: clients[1]}
     median.end_round(0, expected, streaming=False)
     assert all(torch.equal(target[k], expected[k]) for k in target)
 
-    lockstep = AlignedChunks(layout, 1024, [0, 1], lambda o, d: None, 30)
-    short = list(codec.encode(clients[1][0])[1])[:2]
-    errors = []
+    # Client 1 stops after 2 chunks, once those were reduced: the reduction starts again at chunk 0 without it,
+    # the others are asked to send again, and the result is the median of clients 0 and 2 alone.
+    target = {k: torch.full_like(v, 7) for k, v in target.items()}  # not read: every chunk is written again
+    lockstep = AlignedChunks(layout, 1024, [0, 1, 2], lambda o, d: median.reduce_chunk(layout, o, d, target), 30)
+    outcome = {}
 
-    def feed(rank, chunks):
-        try:
-            lockstep.feed(rank, chunks)
-        except (ValueError, RoundSpoiledError) as exc:
-            errors.append(exc)
-            lockstep.drop(rank, str(exc))
+    def feed(rank, stop=None):
+        while True:
+            chunks = codec.encode(clients[rank][0])[1]
+            try:
+                lockstep.feed(rank, (c for i, c in enumerate(chunks) if stop is None or i < stop))
+                outcome.setdefault(rank, []).append("done")
+                return
+            except ResendRequested as exc:
+                outcome.setdefault(rank, []).append(str(exc))
+            except ValueError as exc:
+                outcome.setdefault(rank, []).append(str(exc))
+                restarted.append(lockstep.drop(rank, str(exc)))
+                return
 
-    threads = [threading.Thread(target=feed, args=(0, codec.encode(clients[0][0])[1])),
-               threading.Thread(target=feed, args=(1, iter(short)))]
+    restarted = []
+    threads = [threading.Thread(target=feed, args=(0,)), threading.Thread(target=feed, args=(1, 2)),
+               threading.Thread(target=feed, args=(2,))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert lockstep.spoiled and "client 1 failed after 2 of" in lockstep.spoiled
-    assert any(isinstance(e, RoundSpoiledError) for e in errors)
+    assert restarted == [True] and lockstep.restarts == 1 and lockstep.index == lockstep.num_chunks
+    assert outcome[1] == [f"client 1's update ended after 2 of {lockstep.num_chunks} chunks"]
+    for rank in (0, 2):
+        assert len(outcome[rank]) == 2 and outcome[rank][1] == "done", outcome
+        assert "restarted at chunk 0 without client(s) [1], which failed after 2 of" in outcome[rank][0]
+    expected = {k: torch.zeros_like(v) for k, v in target.items()}
+    median.updates = {0: clients[0], 2: clients[2]}
+    median.end_round(0, expected, streaming=False)
+    assert all(torch.equal(target[k], expected[k]) for k in target)
+
+
+def test_lockstep_drops_a_stalled_participant_and_restarts():
+    clients = make_clients(3)
+    layout = serde.Layout.of(clients[0][0])
+    codec = ModelCodec(True, True, chunk_size=1024)
+    target = {k: torch.zeros_like(v) for k, v in clients[0][0].items()}
+    median, dropped = FedMedian(), []
+    lockstep = AlignedChunks(layout, 1024, [0, 1, 2], lambda o, d: median.reduce_chunk(layout, o, d, target), 3,
+                             on_drop=lambda late, restarted: dropped.append((dict(late), restarted)))
+    release = threading.Event()
+
+    def stalling():  # two chunks, then nothing until the test lets it go
+        for i, chunk in enumerate(codec.encode(clients[1][0])[1]):
+            if i == 2:
+                release.wait(30)
+            yield chunk
+
+    outcome = {}
+
+    def feed(rank, chunks_of):
+        for _ in range(3):
+            try:
+                lockstep.feed(rank, chunks_of())
+                outcome.setdefault(rank, []).append("done")
+                return
+            except (ResendRequested, ValueError) as exc:
+                outcome.setdefault(rank, []).append(type(exc).__name__)
+
+    honest = lambda k: (lambda: codec.encode(clients[k][0])[1])  # noqa: E731
+    threads = [threading.Thread(target=feed, args=(0, honest(0))), threading.Thread(target=feed, args=(2, honest(2)))]
+    stalled = threading.Thread(target=feed, args=(1, stalling))
+    for t in (*threads, stalled):
+        t.start()
+    for t in threads:
+        t.join(30)
+    release.set()
+    stalled.join(30)
+    ((late, restarted),) = dropped
+    assert restarted and list(late) == [1] and late[1].startswith("stalled: sent nothing for 3 s at chunk 2 of")
+    assert outcome[0] == outcome[2] == ["ResendRequested", "done"] and outcome[1][0] == "ValueError"
+    expected = {k: torch.zeros_like(v) for k, v in target.items()}
+    median.updates = {0: clients[0], 2: clients[2]}
+    median.end_round(0, expected, streaming=False)
+    assert all(torch.equal(target[k], expected[k]) for k in target)
+
+
+def test_running_sum_discarded_mid_update_restarts_to_the_same_floats():
+    clients = make_clients(3)
+    codec = ModelCodec(True, True, chunk_size=1024)
+    running = RunningSum(clients[0][0])
+    turn = running.turn()
+    codec.fold(*codec.encode(clients[0][0]), turn, clients[0][1])
+    turn = running.turn()
+    header, chunks = codec.encode(clients[1][0])
+    for _, chunk in zip(range(2), chunks):  # client 1 fails after two chunks were added
+        turn.fold_chunk(serde.header_layout(header), *chunk, clients[1][1])
+    assert running.abandon(turn.number - 1) is False  # an older turn: nothing to discard
+    assert running.abandon(turn.number) is True and running.total_weight == 0 and running.num_updates == 0
+    with pytest.raises(SumDiscardedError):
+        turn.fold_chunk(serde.header_layout(header), *next(chunks), clients[1][1])
+    assert running.abandon(turn.number) is False
+    for k in (0, 2):  # the round folds again from zero, in rank order
+        codec.fold(*codec.encode(clients[k][0]), running.turn(), clients[k][1])
+    empty = running.turn()
+    assert running.abandon(empty.number) is False  # a turn that added nothing keeps the sum
+    mean, expected = running.mean(), aggregate([clients[0], clients[2]])
+    assert all(torch.equal(mean[k], expected[k]) for k in expected)

@@ -12,6 +12,11 @@ The weighted mean, two ways that give the same numbers bit for bit:
 Both add the updates in rank order (the server folds them in that order), product first, then sum, then one
 division; floating tensors in their own precision (float32 for float16/bfloat16), integers (e.g. BatchNorm's
 ``num_batches_tracked``) in float64, rounded at the end.
+
+A client that fails after part of its update was added cannot be subtracted back bit for bit (float addition
+does not invert), so the server discards the whole sum (:meth:`RunningSum.abandon`: zeroed in place, no copy is
+kept) and asks the clients already added to send their updates again (:mod:`flmem.restart`); folding restarts
+from zero in rank order, giving the floats of a round without that client.
 """
 from __future__ import annotations
 
@@ -64,7 +69,9 @@ class RunningSum:
         self._lock = threading.Lock()
         self.total_weight = 0.0
         self.num_updates = 0
-        self.folds = 0  # chunks or state dicts added so far (the server tells a clean failure from a spoiled sum)
+        self.folds = 0  # chunks or state dicts added so far, over the whole job
+        self._turn = 0  # the update being added (see turn()); folds of an older turn are refused
+        self._turn_folds = 0
 
     def _accumulators(self) -> dict[str, torch.Tensor]:
         if self._acc is None:
@@ -76,30 +83,80 @@ class RunningSum:
         """Raise serde.LayoutMismatchError unless ``layout`` is the global model's."""
         self.layout.check_matches(layout)
 
-    def fold_chunk(self, layout: serde.Layout, offset: int, data: bytes, weight: float) -> None:
-        """Add ``weight`` times the tensor elements inside one ``raw`` payload chunk."""
+    def turn(self) -> "UpdateTurn":
+        """Open the turn of the next update: what :meth:`~flmem.codec.ModelCodec.fold` adds through. Opening a
+        turn closes the one before (its folds are refused from then on)."""
         with self._lock:
+            self._turn += 1
+            self._turn_folds = 0
+            return UpdateTurn(self, self._turn)
+
+    def abandon(self, turn: int) -> bool:
+        """The update of ``turn`` will not complete (its client failed): its later folds are refused, and if part of
+        it was added already, the whole sum is discarded (zeroed in place, weight 0: the round restarts folding from
+        nothing). Returns whether the sum was discarded; False for a turn already closed."""
+        with self._lock:
+            if turn != self._turn:
+                return False
+            self._turn += 1
+            if not self._turn_folds:
+                return False
+            self._reset()
+            return True
+
+    def reset(self) -> None:
+        """Empty the sum, keeping its memory (the next fold adds into zeros, as the round's first one does)."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        for acc in (self._acc or {}).values():
+            acc.zero_()
+        self.total_weight, self.num_updates = 0.0, 0
+
+    def _enter(self, turn: int | None) -> None:
+        """Count one fold of ``turn`` (None: no turn check); lock held."""
+        if turn is not None:
+            if turn != self._turn:
+                raise SumDiscardedError("this update's turn at the running sum was closed (its client failed and the "
+                                        "round's sum was discarded or moved on): nothing more of it is added")
+            self._turn_folds += 1
+        self.folds += 1
+
+    def fold_chunk(self, layout: serde.Layout, offset: int, data: bytes, weight: float,
+                   turn: int | None = None) -> None:
+        """Add ``weight`` times the tensor elements inside one ``raw`` payload chunk.
+
+        Raises:
+            SumDiscardedError: ``turn`` is closed.
+        """
+        with self._lock:
+            self._enter(turn)
             self._accumulators()
-            self.folds += 1
             for entry, t_start, c_start, nbytes in serde.segments(layout, offset, len(data)):
                 size = torch.empty((), dtype=entry.torch_dtype).element_size()
                 values = serde.readonly_tensor(data, entry.torch_dtype, nbytes // size, c_start)
                 acc = self._flat[entry.name][t_start // size:(t_start + nbytes) // size]
                 acc.add_(values.to(acc.dtype) * float(weight))  # the same roundings as aggregate()
 
-    def fold_state_dict(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+    def fold_state_dict(self, state: Mapping[str, torch.Tensor], weight: float, turn: int | None = None) -> None:
         """Add ``weight`` times a whole client state dict, and count it as one update."""
         with self._lock:
-            self.folds += 1
+            self._enter(turn)
             for name, acc in self._accumulators().items():
                 acc.add_(state[name].to(acc.dtype) * float(weight))
-        self.count_update(weight)
+            self._count(weight, turn)
 
-    def count_update(self, weight: float) -> None:
+    def count_update(self, weight: float, turn: int | None = None) -> None:
         """Record that one client update (of weight ``weight``) has been folded completely."""
         with self._lock:
-            self.total_weight += float(weight)
-            self.num_updates += 1
+            self._count(weight, turn)
+
+    def _count(self, weight: float, turn: int | None) -> None:
+        if turn is not None and turn != self._turn:
+            raise SumDiscardedError("this update's turn at the running sum was closed before it was counted")
+        self.total_weight += float(weight)
+        self.num_updates += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean, divided in place (the sum is gone); the caller drops it when done.
@@ -116,6 +173,31 @@ class RunningSum:
             self._acc, self._flat = None, {}
             self.total_weight, self.num_updates = 0.0, 0
             return mean
+
+
+class SumDiscardedError(RuntimeError):
+    """An update was added through a turn that is closed (see :meth:`RunningSum.turn`)."""
+
+
+class UpdateTurn:
+    """One update's turn at a :class:`RunningSum`: it adds through the sum's methods with its turn number, so once
+    the turn is closed (:meth:`RunningSum.abandon`, or the next turn opened) nothing more of that update is added,
+    even by a handler thread still reading its stream."""
+
+    def __init__(self, running: RunningSum, turn: int):
+        self.running, self.number, self.layout = running, turn, running.layout
+
+    def check_layout(self, layout: serde.Layout) -> None:
+        self.running.check_layout(layout)
+
+    def fold_chunk(self, layout: serde.Layout, offset: int, data: bytes, weight: float) -> None:
+        self.running.fold_chunk(layout, offset, data, weight, self.number)
+
+    def fold_state_dict(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        self.running.fold_state_dict(state, weight, self.number)
+
+    def count_update(self, weight: float) -> None:
+        self.running.count_update(weight, self.number)
 
 
 class SumStrategy(Strategy):
