@@ -5,7 +5,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flmem.launcher import run_job
 from flmem.report import RoleProgress, log_result, print_result
@@ -21,8 +21,11 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
     job_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed: '${...}' unresolved
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        overrides = [_unescaped(o) for o in overrides]
     try:
-        result = run_job(cfg, job_dir, list(hydra_cfg.overrides.task), RoleProgress(), dir_key=dir_key)
+        result = run_job(cfg, job_dir, overrides, RoleProgress(), dir_key=dir_key)
     except KeyboardInterrupt:  # run_job wrote result.json saying when: launch.log gets it too
         interrupted = read_json(job_dir / "result.json")
         if interrupted:
@@ -34,6 +37,27 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
         return None
     rounds = result.get("rounds") or []
     return rounds[-1].get("test_accuracy") if rounds else None
+
+
+def _unescaped(override: str) -> str:
+    """A sweep job's override as the user typed it where that reads the same: Hydra's sweepers hand each
+    job its string value re-escaped for their grammar (``lit\\${x}`` arrives as ``lit\\\\$\\{x\\}``); the
+    value unescaped is kept when Hydra parses it back to the same string (a value with a comma or a space
+    keeps its escapes), so the override stays one that Hydra reads as this job's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    def value_of(line: str):
+        (parsed,) = OverridesParser.create().parse_overrides([line])
+        return parsed.value()
+
+    try:
+        value = value_of(override)
+        if not isinstance(value, str) or "=" not in override:
+            return override
+        typed = f"{override.split('=', 1)[0]}={value}"
+        return typed if value_of(typed) == value else override
+    except Exception:  # not for us to judge here: the job reports what is wrong with it
+        return override
 
 
 def exit_status() -> int:

@@ -53,7 +53,10 @@ def planned_jobs(config: DictConfig) -> int | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in config.hydra.overrides.task]
+    params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else params
+    # unresolved: a '${...}' in an override is the job's to resolve (and to report when it does not)
+    args = [f"{k}={v}" for k, v in params.items()] + \
+        [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
     try:
         (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
     except Exception:  # a glob over group options needs the config loader: not worth guessing

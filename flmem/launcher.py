@@ -2,7 +2,8 @@
 
 Layout of a job directory (Hydra's output dir for the job)::
 
-    config.yaml            the fully resolved config every role reads
+    config.yaml            the fully resolved config every role reads (resolved once, by the launcher; a
+                           literal '${' in a value is written '\${', OmegaConf's escape: flmem.literal)
     result.json            status, failure (role, reason), summarized, exit codes, overrides, per-round metrics,
                            paths; written (provisional) before summarizing, so an interrupted job has one too
     roles/<role>/          role = server | client_<rank>
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from flmem.address import join, server_addresses
 from flmem.config import ConfigError, reference_config, validate
 from flmem.datasets import DATA_ERRORS
+from flmem.literal import literal_config, resolve
 from flmem.profiling import finish_role
 from flmem.status import read_json, read_metrics, write_json
 
@@ -41,7 +43,8 @@ def dataset_source(dataset_cfg):
     does not take (its name in the message).
     """
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+
+    from flmem.literal import instantiate
 
     try:
         return instantiate(dataset_cfg)
@@ -192,7 +195,9 @@ class Job:
         """Validate (unknown keys included, see :func:`flmem.config.reference_config`), check the data, and
         write ``config.yaml``. ``dir_key`` names the setting that chose the directory, for the error when it
         already holds a run. Raises ConfigError, DatasetNotFoundError, JobError."""
+        values = resolve(self.cfg, self.overrides)  # a broken interpolation: ConfigError naming the override
         validate(self.cfg, reference_config(self.overrides))
+        self.cfg = literal_config(values)  # resolved once: the roles read these values, '${' kept literal
         if self.cfg.role.name in ("local", "server", "client"):
             dataset_source(self.cfg.dataset).check_available()
         if (self.dir / "result.json").exists() or (self.dir / "roles").exists():
@@ -201,7 +206,7 @@ class Job:
                            "directory per run) or pick an empty one")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yaml"
-        config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        config.write_text(OmegaConf.to_yaml(self.cfg))
         return config
 
     def _wait_ready(self, server: Role) -> int:

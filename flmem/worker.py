@@ -84,11 +84,11 @@ def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
 def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: str | None = None) -> dict:
     """Build the role's objects from ``cfg`` and run it. Returns its metrics history."""
     _import_role_modules()
-    import hydra.utils
     import torch
 
     from flmem.client import run_client
     from flmem.codec import ModelCodec
+    from flmem.literal import instantiate  # a '${' in config.yaml's strings reaches the objects literally
     from flmem.phases import PhaseLog, memory_reading
     from flmem.serde import model_bytes
     from flmem.server import RoundServer
@@ -104,12 +104,12 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     status = StatusWriter(out, role if role == "server" else f"client_{rank}", int(cfg.rounds))
     with phases.setup("model"):
         torch.manual_seed(int(cfg.seed))  # the server's initial global model depends on the seed only
-        model = hydra.utils.instantiate(cfg.model)
+        model = instantiate(cfg.model)
         markers["model_bytes"] = model_bytes(model.state_dict())
     if role == "server":
         with phases.setup("data"):
-            test_data = hydra.utils.instantiate(cfg.dataset).test_dataset(release=opt.release) if cfg.evaluate else None
-        fl = RoundServer(model, test_data, strategy=hydra.utils.instantiate(cfg.strategy),
+            test_data = instantiate(cfg.dataset).test_dataset(release=opt.release) if cfg.evaluate else None
+        fl = RoundServer(model, test_data, strategy=instantiate(cfg.strategy),
                          num_clients=int(cfg.num_clients), rounds=int(cfg.rounds), codec=codec,
                          streaming=opt.aggregation, seed=int(cfg.seed), round_timeout_s=float(cfg.timeouts.round_s),
                          eval_batch_size=int(cfg.batch_size), status=status, phases=phases)
@@ -142,12 +142,12 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                                 scale=float(cfg.client.perturbation))
         else:
             with phases.setup("data"):
-                source = hydra.utils.instantiate(cfg.dataset)  # conf/dataset/*.yaml: a flmem.datasets source
+                source = instantiate(cfg.dataset)  # conf/dataset/*.yaml: a flmem.datasets source
                 dataset = source.client_dataset(rank, int(cfg.num_clients), release=opt.release)
                 trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
-                                  optimizer=hydra.utils.instantiate(cfg.optimizer), seed=int(cfg.seed), rank=rank,
+                                  optimizer=instantiate(cfg.optimizer), seed=int(cfg.seed), rank=rank,
                                   optimized=opt.trainer, release=opt.release,
-                                  proximal_mu=hydra.utils.instantiate(cfg.strategy).proximal_mu)
+                                  proximal_mu=instantiate(cfg.strategy).proximal_mu)
         connection = None
         if cfg.client.mode != "local_only":
             with phases.setup("connect"):
