@@ -1,13 +1,17 @@
 """The body of `launch.py`: one Hydra job in, one profiled FL job out, and the exit status."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmem.launcher import run_job
+from flmem import diskfull
+from flmem.launcher import DiskFullError, run_job
 from flmem.report import RoleProgress, log_result, print_result
 from flmem.status import read_json
 
@@ -26,11 +30,20 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
         overrides = [_unescaped(o) for o in overrides]
     try:
         result = run_job(cfg, job_dir, overrides, RoleProgress(), dir_key=dir_key)
+    except DiskFullError as exc:  # not even result.json fits: say it here, once, and go on to the next job
+        logging.raiseExceptions = False  # launch.log lies on the full disk: a lost line is no traceback
+        with contextlib.suppress(OSError):
+            print(f"flmem: job failed in {job_dir}: {exc}", file=sys.stderr, flush=True)
+        FAILED_JOBS.append({"status": "failed", "job_dir": str(job_dir), "failure": {"role": "launcher",
+                                                                                    "reason": str(exc)}})
+        return None
     except KeyboardInterrupt:  # run_job wrote result.json saying when: launch.log gets it too
         interrupted = read_json(job_dir / "result.json")
         if interrupted:
             log_result(interrupted)
         raise
+    if diskfull.said((result.get("failure") or {}).get("reason")):
+        logging.raiseExceptions = False  # launch.log lies on the full disk: a lost line is no traceback
     print_result(result)
     if result["status"] != "completed":
         FAILED_JOBS.append(result)
