@@ -557,6 +557,7 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: st
                 if exc.filename == str(job.reserve) else ""
             return failed_result(job_dir, overrides, "launcher", diskfull.describe(exc) + held, started)
         except KeyboardInterrupt as exc:
+            job._release()
             failed_result(job_dir, overrides, "launcher", f"interrupted ({_how(exc)}) before any role started",
                           started)
             raise
