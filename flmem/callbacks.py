@@ -192,7 +192,12 @@ interrupted sweep gets its summary too, written by :func:`flmem.interrupt.record
         for sweep_dir in dirs:
             try:
                 write_summary(sweep_dir, self.compare, self.noise_pct / 100, echo=True)
-            except Exception:  # a summary must never turn a finished sweep into a failed one
+            except Exception as exc:  # a summary must never turn a finished sweep into a failed one
+                from flmem import diskfull
+
+                if diskfull.is_disk_full(exc):  # one line: a traceback says nothing more
+                    print(f"flmem: could not summarize {sweep_dir}: {diskfull.describe(exc)}", flush=True)
+                    continue
                 print(f"flmem: could not summarize {sweep_dir}:\n{traceback.format_exc()}", flush=True)
 
 
