@@ -15,6 +15,7 @@ Layout of a job directory (Hydra's output dir for the job)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from flmem.address import join, server_addresses
 from flmem.config import ConfigError, reference_config, validate
 from flmem.datasets import DATA_ERRORS
 from flmem.literal import literal_config, resolve
-from flmem.profiling import finish_role
+from flmem.profiling import finish_role, memray_stopped
 from flmem.status import read_json, read_metrics, write_json
 
 
@@ -237,6 +238,8 @@ class Job:
                 os.fsync(fh.fileno())
         except OSError as exc:
             self.reserve.unlink(missing_ok=True)
+            if exc.errno == errno.EFBIG:  # a file size limit (ulimit -f) fills no disk: nothing to hold
+                return
             exc.filename = exc.filename or str(self.reserve)
             raise
 
@@ -475,6 +478,11 @@ class Job:
             reason = role.failure_reason() if role.returncode not in (None, 0) else ""
             if diskfull.said(reason):
                 return reason
+        for role in self.roles:  # memray stops recording on a failed write and the role goes on
+            said = memray_stopped(role.dir / "stderr.log")
+            if said and any(m in said for m in diskfull.MESSAGES):
+                return (f"{diskfull.describe(RuntimeError(said), role.dir / 'capture.bin')} (memray stopped "
+                        f"recording {role.name} there)")
         free = diskfull.free_bytes(self.dir / "roles")
         if free is not None and free < diskfull.LOW_BYTES and self.roles:
             return f"disk full while the roles wrote under {self.dir / 'roles'}: {free} bytes free"

@@ -103,7 +103,7 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
         "baseline_rss_bytes": markers.get("baseline_rss_bytes"), "working_rss_bytes": None, "run_peak_rss_bytes": None,
         "rss_breakdown": None,
     }
-    stopped = _memray_stopped(role_dir / "stderr.log")
+    stopped = memray_stopped(role_dir / "stderr.log")
     if not capture.exists():
         summary["capture_error"] = "no capture file (profiling.enabled=false, or the role never started)"
     elif stopped:  # the file reads as a whole capture, of the time before the write failed
@@ -143,7 +143,7 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
     return summary
 
 
-def _memray_stopped(stderr_log: Path, tail: int = 256 * 1024) -> str | None:
+def memray_stopped(stderr_log: Path, tail: int = 256 * 1024) -> str | None:
     """memray's own line when it stopped recording because a write failed (a full disk: it prints
     ``Failed to write output, deactivating tracking``), from the end of the role's ``stderr.log``."""
     from flmem.diskfull import MEMRAY_STOPPED

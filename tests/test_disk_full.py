@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import re
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +104,36 @@ def test_a_sweep_goes_on_to_its_next_job_after_a_full_disk(small_disk):
     assert reason.startswith(f"disk full while writing {sweep / '1' / '.result.json.reserve'}: ")
     assert f"the launcher holds {2**20} bytes there for result.json" in reason
     assert not (sweep / "1" / "roles").exists()
+
+
+def _file_size_limit(limit: int):
+    def apply():  # in the launcher, inherited by its roles: past it a write fails with EFBIG, not SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_capture_past_the_file_size_limit_fails_the_job_and_is_marked_failed(tmp_path):
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[1] not in (resource.RLIM_INFINITY,) and \
+            resource.getrlimit(resource.RLIMIT_FSIZE)[1] < 200 * 1024:
+        pytest.skip("the hard file size limit is already below the one this test sets")
+    # all_allocations captures pass 200 KiB in a tiny job; every other file the job writes stays below
+    args = [sys.executable, str(REPO / "launch.py"), *TINY, "profiling.capture_format=all_allocations",
+            "save_global_model=false", f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, COLUMNS="200"), capture_output=True, text=True,
+                          timeout=600, preexec_fn=_file_size_limit(200 * 1024))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    res = result(tmp_path / "run")
+    capture = tmp_path / "run" / "roles" / "server" / "capture.bin"
+    assert res["status"] == "failed" and res["failure"]["role"] == "launcher"
+    assert res["failure"]["reason"].startswith("file size limit (RLIMIT_FSIZE, ulimit -f) reached while writing ")
+    assert "capture.bin (memray stopped recording" in res["failure"]["reason"]
+    assert res["exit_codes"] == {"server": 0, "client_0": 0, "client_1": 0}  # the roles went on: memray did not
+    for name, summary in res["roles"].items():
+        assert summary["capture_error"].startswith("memray stopped recording before the role ended: "), name
+        assert "File too large" in summary["capture_error"] and summary["flamegraph"] is None
+    assert capture.stat().st_size <= 200 * 1024
 
 
 def test_disk_full_errors_are_told_apart_and_name_the_file(tmp_path):
