@@ -111,3 +111,45 @@ def instantiate(node):
     except Exception as exc:
         raise InstantiationException(f"Error in call to target '{rest.get('_target_')}':\n"
                                      f"{type(exc).__name__}({exc})") from exc
+
+
+def broken_hydra_overrides(args: list[str], config_dir: str, config_name: str = "config") -> list[str]:
+    """One message per ``hydra.*`` override among the command-line ``args`` whose ``${...}`` cannot resolve
+    (``hydra.run.dir=out/${oops}``): Hydra itself would stop on it with a traceback before any job starts.
+    The command line is composed as Hydra would (``config_dir``: the primary config's folder); what cannot
+    be told before Hydra runs (a sweep, its runtime keys, the ``hydra:`` resolver) is left to Hydra.
+    [] when there is nothing to say."""
+    candidates = [a for a in args if "=" in a and not a.startswith("-") and a.lstrip("+~").startswith("hydra.")
+                  and "${" in a.partition("=")[2]]
+    if not candidates:
+        return []
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    problems = []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            overrides = [a for a in args if "=" in a and not a.startswith("-")]  # a key ${...} may name
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception:  # a sweep, a malformed override: Hydra reports what it finds itself
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    for override in candidates:
+        key = override.partition("=")[0].lstrip("+~")
+        try:
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except InterpolationToMissingValueError:
+            continue  # a runtime key Hydra fills in when it runs the job
+        except (InterpolationResolutionError, GrammarParseError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "HydraConfig" in reason or "'hydra." in reason:
+                continue
+            problems.append(f"{override}: the interpolation in {key} does not resolve ({reason}). Refer to a key "
+                            "the config has (e.g. ${now:%Y-%m-%d}, ${oc.env:NAME}), or keep '${' literally by "
+                            f"escaping it, quoted: '{key}=\\${{...}}'")
+        except Exception:  # not an interpolation problem: Hydra reports it
+            continue
+    return problems

@@ -65,3 +65,16 @@ def test_a_sweep_over_dollar_values_resolves_each_once_and_records_them_as_typed
     assert [result(j)["overrides"][-1] for j in jobs] == [f"dataset.root={v}" for v in values]
     roots = [OmegaConf.load(j / "config.yaml").dataset.root for j in jobs]
     assert roots == [f"{tmp_path}/a$b", f"{tmp_path}/lit${{x}}", f"{tmp_path}/cifar"]
+
+
+def test_a_broken_interpolation_in_a_hydra_setting_stops_before_hydra_with_one_line(tmp_path):
+    proc = launch(["hydra.run.dir=out/${oops}", "num_clients=0"], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (
+        "flmem: hydra.run.dir=out/${oops}: the interpolation in hydra.run.dir does not resolve (Interpolation key "
+        "'oops' not found). Refer to a key the config has (e.g. ${now:%Y-%m-%d}, ${oc.env:NAME}), or keep '${' "
+        "literally by escaping it, quoted: 'hydra.run.dir=\\${...}'")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
+    ok = launch(["hydra.run.dir=out/${dataset.name}", "num_clients=0"], tmp_path)  # resolves: Hydra runs the job
+    assert ok.returncode == 1 and "num_clients=0: must be an integer >= 1" in ok.stdout
+    assert (tmp_path / "out" / "synthetic" / "result.json").exists()
