@@ -19,6 +19,15 @@ def _sigterm(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _sigterm)  # SIGTERM (kill, timeout, a scheduler) ends a launch like Ctrl-C
+    if any("${" in a for a in sys.argv[1:]):  # a broken one in hydra.*: Hydra would stop with a traceback
+        from pathlib import Path
+
+        from flmem.literal import broken_hydra_overrides
+
+        for problem in (broken := broken_hydra_overrides(sys.argv[1:], str(Path(__file__).resolve().parent / "conf"))):
+            print(f"flmem: {problem}", file=sys.stderr)
+        if broken:
+            sys.exit(1)
     try:
         main()
     except SystemExit as exc:  # Hydra refused the command line: a misspelled key gets a hint

@@ -53,7 +53,10 @@ def planned_jobs(config: DictConfig) -> int | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in config.hydra.overrides.task]
+    params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else params
+    # unresolved: a '${...}' in an override is the job's to resolve (and to report when it does not)
+    args = [f"{k}={v}" for k, v in params.items()] + \
+        [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
     try:
         (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
     except Exception:  # a glob over group options needs the config loader: not worth guessing
@@ -189,7 +192,12 @@ interrupted sweep gets its summary too, written by :func:`flmem.interrupt.record
         for sweep_dir in dirs:
             try:
                 write_summary(sweep_dir, self.compare, self.noise_pct / 100, echo=True)
-            except Exception:  # a summary must never turn a finished sweep into a failed one
+            except Exception as exc:  # a summary must never turn a finished sweep into a failed one
+                from flmem import diskfull
+
+                if diskfull.is_disk_full(exc):  # one line: a traceback says nothing more
+                    print(f"flmem: could not summarize {sweep_dir}: {diskfull.describe(exc)}", flush=True)
+                    continue
                 print(f"flmem: could not summarize {sweep_dir}:\n{traceback.format_exc()}", flush=True)
 
 

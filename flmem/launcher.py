@@ -2,7 +2,8 @@
 
 Layout of a job directory (Hydra's output dir for the job)::
 
-    config.yaml            the fully resolved config every role reads
+    config.yaml            the fully resolved config every role reads (resolved once, by the launcher; a
+                           literal '${' in a value is written '\${', OmegaConf's escape: flmem.literal)
     result.json            status, failure (role, reason), summarized, exit codes, overrides, per-round metrics,
                            paths; written (provisional) before summarizing, so an interrupted job has one too
     roles/<role>/          role = server | client_<rank>
@@ -14,6 +15,7 @@ Layout of a job directory (Hydra's output dir for the job)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -26,10 +28,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from flmem import diskfull
 from flmem.address import join, server_addresses
 from flmem.config import ConfigError, reference_config, validate
 from flmem.datasets import DATA_ERRORS
-from flmem.profiling import finish_role
+from flmem.literal import literal_config, resolve
+from flmem.profiling import finish_role, memray_stopped
 from flmem.status import read_json, read_metrics, write_json
 
 
@@ -41,7 +45,8 @@ def dataset_source(dataset_cfg):
     does not take (its name in the message).
     """
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+
+    from flmem.literal import instantiate
 
     try:
         return instantiate(dataset_cfg)
@@ -51,6 +56,15 @@ def dataset_source(dataset_cfg):
 
 class JobError(RuntimeError):
     """A job cannot start (bad output dir, server never ready)."""
+
+
+class DiskFullError(RuntimeError):
+    """Not even ``result.json`` could be written (a full disk); the message says where and why."""
+
+
+#: bytes the launcher holds in the job dir while the roles run, released to write ``result.json`` when
+#: the disk has filled (``.result.json.reserve``; a failed job's result.json with 16 clients is ~200 KiB)
+RESERVE_BYTES = 2**20
 
 
 class Interrupted(KeyboardInterrupt):
@@ -142,6 +156,10 @@ class Role:
         code = self.returncode
         if code is not None and code < 0:
             return f"killed by signal {signal.Signals(-code).name}"
+        if code == diskfull.EXIT_CODE:  # the worker could not even write markers.json
+            free = diskfull.free_bytes(self.dir)
+            return (f"disk full while writing under {self.dir}" + (f": {free} bytes free" if free is not None else "")
+                    + f" (the role exited with code {code} before it could record more)")
         try:
             lines = [ln for ln in (self.dir / "stderr.log").read_text().splitlines() if ln.strip()]
         except OSError:
@@ -192,7 +210,9 @@ class Job:
         """Validate (unknown keys included, see :func:`flmem.config.reference_config`), check the data, and
         write ``config.yaml``. ``dir_key`` names the setting that chose the directory, for the error when it
         already holds a run. Raises ConfigError, DatasetNotFoundError, JobError."""
+        values = resolve(self.cfg, self.overrides)  # a broken interpolation: ConfigError naming the override
         validate(self.cfg, reference_config(self.overrides))
+        self.cfg = literal_config(values)  # resolved once: the roles read these values, '${' kept literal
         if self.cfg.role.name in ("local", "server", "client"):
             dataset_source(self.cfg.dataset).check_available()
         if (self.dir / "result.json").exists() or (self.dir / "roles").exists():
@@ -201,8 +221,31 @@ class Job:
                            "directory per run) or pick an empty one")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yaml"
-        config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        config.write_text(OmegaConf.to_yaml(self.cfg))
+        self._reserve(RESERVE_BYTES)
         return config
+
+    @property
+    def reserve(self) -> Path:
+        return self.dir / ".result.json.reserve"
+
+    def _reserve(self, size: int) -> None:
+        """Hold ``size`` bytes of the disk for ``result.json`` (see :meth:`_release`). Raises OSError (ENOSPC)."""
+        try:
+            with open(self.reserve, "wb") as fh:
+                fh.write(bytes(size))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            self.reserve.unlink(missing_ok=True)
+            if exc.errno == errno.EFBIG:  # a file size limit (ulimit -f) fills no disk: nothing to hold
+                return
+            exc.filename = exc.filename or str(self.reserve)
+            raise
+
+    def _release(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reserve.unlink(missing_ok=True)
 
     def _wait_ready(self, server: Role) -> int:
         deadline = time.time() + float(self.cfg.timeouts.server_ready_s)
@@ -364,22 +407,49 @@ class Job:
         and raises KeyboardInterrupt. The captures are kept either way.
         """
         prof = self.cfg.profiling
+        full = self._disk_full()
 
         def one(role: Role) -> dict:
             markers = read_json(role.dir / "markers.json", {})
-            summary = finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
-                                  top=int(prof.top_sites), flamegraph=bool(prof.flamegraph))
+            try:
+                summary = finish_role(role.dir, role.name, model_bytes=markers.get("model_bytes"),
+                                      top=int(prof.top_sites), flamegraph=bool(prof.flamegraph) and not full)
+            except OSError as exc:  # summary.json or the flamegraph did not fit: the numbers read so far
+                if not diskfull.is_disk_full(exc):
+                    raise
+                summary = read_json(role.dir / "summary.json") or self._unsummarized(role)
+                summary["flamegraph"], summary["flamegraph_error"] = None, diskfull.describe(exc)
+            changed = False
+            if full and not summary.get("capture_error") and summary.get("capture"):
+                summary["capture_error"] = (f"the disk filled while the job ran ({full}); memray stops recording "
+                                            "when it cannot grow capture.bin, so this capture may end early: its "
+                                            "numbers are not trusted")
+                changed = True
             if summary.get("exit_code") != role.exit_code():  # one convention in every file (Role.exit_code)
                 summary["exit_code"] = role.exit_code()
-                if (role.dir / "summary.json").exists():
+                changed = True
+            if changed and (role.dir / "summary.json").exists():
+                try:
                     write_json(role.dir / "summary.json", summary)
+                except OSError as exc:  # result.json carries it
+                    if not diskfull.is_disk_full(exc):
+                        raise
             return summary
+
+        if full:
+            self._release()  # room for the summaries (no flamegraphs) and result.json
+            if not self.failure:
+                self.failure = {"role": "launcher", "reason": f"{full} (found when the roles had ended)"}
 
         stopped = self.failure or {"role": "launcher", "reason": "the launcher stopped while summarizing the roles' "
                                    "captures (the roles had completed; their captures are kept under roles/)"}
         with _signals(_interrupt):
             with _signals_deferred():
-                write_json(self.dir / "result.json", self._result(started, {}, stopped, summarized=False))
+                try:
+                    write_json(self.dir / "result.json", self._result(started, {}, stopped, summarized=False))
+                except OSError as exc:  # the final one is what must be written (see _write_result)
+                    if not diskfull.is_disk_full(exc):
+                        raise
             # Rendering runs `memray flamegraph` subprocesses: overlap them across cores.
             pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
             try:
@@ -393,13 +463,56 @@ class Job:
                     else {"role": "launcher", "reason": reason}
                 summaries = {r.name: read_json(r.dir / "summary.json") or self._unsummarized(r) for r in self.roles}
                 with _signals_deferred():
-                    write_json(self.dir / "result.json", self._result(started, summaries, failure, summarized=False))
+                    self._write_result(self._result(started, summaries, failure, summarized=False))
                 raise
             pool.shutdown()
             result = self._result(started, summaries, self.failure, summarized=True)
             with _signals_deferred():
-                write_json(self.dir / "result.json", result)
+                self._write_result(result)
         return result
+
+    def _disk_full(self) -> str | None:
+        """Why the disk counts as having filled during the job, else None: a role stopped on it, or less
+        than ``diskfull.LOW_BYTES`` is free beside the captures (the launcher's reserve still held)."""
+        for role in self.roles:
+            reason = role.failure_reason() if role.returncode not in (None, 0) else ""
+            if diskfull.said(reason):
+                return reason
+        for role in self.roles:  # memray stops recording on a failed write and the role goes on
+            said = memray_stopped(role.dir / "stderr.log")
+            if said and any(m in said for m in diskfull.MESSAGES):
+                return (f"{diskfull.describe(RuntimeError(said), role.dir / 'capture.bin')} (memray stopped "
+                        f"recording {role.name} there)")
+        free = diskfull.free_bytes(self.dir / "roles")
+        if free is not None and free < diskfull.LOW_BYTES and self.roles:
+            return f"disk full while the roles wrote under {self.dir / 'roles'}: {free} bytes free"
+        return None
+
+    def _write_result(self, result: dict) -> None:
+        """Write ``result.json``, releasing the launcher's reserve when the disk is full.
+
+        Raises:
+            DiskFullError: even then it did not fit (the message names the file and the free bytes).
+        """
+        try:
+            write_json(self.dir / "result.json", result)
+            self._release()
+            return
+        except OSError as exc:
+            if not diskfull.is_disk_full(exc):
+                raise
+            first = diskfull.describe(exc)
+        self._release()
+        if result.get("status") == "completed":  # it could not be written: that fails the job
+            result.update(status="failed", failure={"role": "launcher", "reason": first})
+        try:
+            write_json(self.dir / "result.json", result)
+        except OSError as exc:
+            if not diskfull.is_disk_full(exc):
+                raise
+            raise DiskFullError(f"{diskfull.describe(exc)}; the job's result ({result['status']}"
+                                + (f": {result['failure']['reason']}" if result.get("failure") else "")
+                                + ") is not recorded") from None
 
 
 def _how(exc: BaseException) -> str:
@@ -414,8 +527,14 @@ def failed_result(job_dir: Path, overrides: list[str], role: str, reason: str, s
               "exit_codes": {}, "rounds": [], "client_rounds": {}, "roles": {}}
     job_dir = Path(job_dir)
     if not (job_dir / "result.json").exists():
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_json(job_dir / "result.json", result)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            write_json(job_dir / "result.json", result)
+        except OSError as exc:
+            if not diskfull.is_disk_full(exc):
+                raise
+            raise DiskFullError(f"{diskfull.describe(exc)}; the job failed before any role started ({role}: "
+                                f"{reason}) and its result is not recorded") from None
     return result
 
 
@@ -439,7 +558,14 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: st
             return failed_result(job_dir, overrides, "data", str(exc), started)
         except (ConfigError, JobError, ValueError) as exc:
             return failed_result(job_dir, overrides, "config", str(exc), started)
+        except OSError as exc:  # config.yaml or the launcher's reserve did not fit
+            if not diskfull.is_disk_full(exc):
+                raise
+            held = f" (the launcher holds {RESERVE_BYTES} bytes there for result.json while the roles run)" \
+                if exc.filename == str(job.reserve) else ""
+            return failed_result(job_dir, overrides, "launcher", diskfull.describe(exc) + held, started)
         except KeyboardInterrupt as exc:
+            job._release()
             failed_result(job_dir, overrides, "launcher", f"interrupted ({_how(exc)}) before any role started",
                           started)
             raise
@@ -450,6 +576,12 @@ def run_job(cfg, job_dir: Path, overrides: list[str], progress=None, dir_key: st
             job.watch()
         except JobError as exc:
             job.failure = {"role": "server", "reason": str(exc)}
+            job.stop()
+        except OSError as exc:  # a role's log file could not be created: the disk is full
+            if not diskfull.is_disk_full(exc):
+                job.stop()
+                raise
+            job.failure = {"role": "launcher", "reason": diskfull.describe(exc)}
             job.stop()
         except KeyboardInterrupt as exc:
             # Stop the roles (their captures close cleanly), record why, then let it end the sweep.

@@ -103,8 +103,11 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
         "baseline_rss_bytes": markers.get("baseline_rss_bytes"), "working_rss_bytes": None, "run_peak_rss_bytes": None,
         "rss_breakdown": None,
     }
+    stopped = memray_stopped(role_dir / "stderr.log")
     if not capture.exists():
         summary["capture_error"] = "no capture file (profiling.enabled=false, or the role never started)"
+    elif stopped:  # the file reads as a whole capture, of the time before the write failed
+        summary["capture_error"] = f"memray stopped recording before the role ended: {stopped}"
     else:
         try:
             _read_capture(capture, markers, summary, top)
@@ -138,6 +141,23 @@ def summarize_role(role_dir: Path, role: str, *, model_bytes: int | None = None,
         summary["rss_breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
     write_json(role_dir / "summary.json", summary)
     return summary
+
+
+def memray_stopped(stderr_log: Path, tail: int = 256 * 1024) -> str | None:
+    """memray's own line when it stopped recording because a write failed (a full disk: it prints
+    ``Failed to write output, deactivating tracking``), from the end of the role's ``stderr.log``."""
+    from flmem.diskfull import MEMRAY_STOPPED
+
+    try:
+        if not stderr_log.is_file():  # a FIFO would block the reader
+            return None
+        with open(stderr_log, "rb") as fh:
+            fh.seek(max(0, stderr_log.stat().st_size - tail))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    said = [ln.strip() for ln in lines if any(m in ln for m in MEMRAY_STOPPED)]
+    return "; ".join(dict.fromkeys(said))[:500] if said else None
 
 
 def _read_capture(capture: Path, markers: dict, summary: dict, top: int) -> None:

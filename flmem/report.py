@@ -34,7 +34,9 @@ def _job_context() -> tuple[str | None, list[str]]:
 
         if HydraConfig.initialized():
             hc = HydraConfig.get()
-            return str(hc.runtime.output_dir), list(hc.overrides.task)
+            from omegaconf import OmegaConf
+
+            return str(hc.runtime.output_dir), OmegaConf.to_container(hc.overrides.task, resolve=False)
     except Exception:  # not under Hydra (a test, an embedding program): nothing to add
         pass
     return None, []

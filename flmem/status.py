@@ -13,10 +13,21 @@ from pathlib import Path
 
 
 def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename, so readers never see half a file."""
+    """Write ``data`` as JSON through a temporary file and a rename, so readers never see half a file.
+
+    Raises:
+        OSError: the write failed (a full disk: ENOSPC); its ``filename`` is ``path``, and the partial
+            temporary file is removed.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None or exc.filename == str(tmp):  # say which file the caller wrote
+            exc.filename = str(path)
+        raise
 
 
 MAX_JSON_BYTES = 64 * 2**20  # a run's JSON files are KiB; anything far larger is not one of ours
@@ -91,8 +102,13 @@ class StatusWriter:
 
     def metric(self, record: dict) -> None:
         """Append one per-round record to ``metrics.jsonl``."""
-        with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        path = self.dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: say which file
+            exc.filename = exc.filename or str(path)
+            raise
 
 
 def read_metrics(role_dir: Path) -> list[dict]:

@@ -84,11 +84,11 @@ def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
 def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: str | None = None) -> dict:
     """Build the role's objects from ``cfg`` and run it. Returns its metrics history."""
     _import_role_modules()
-    import hydra.utils
     import torch
 
     from flmem.client import run_client
     from flmem.codec import ModelCodec
+    from flmem.literal import instantiate  # a '${' in config.yaml's strings reaches the objects literally
     from flmem.phases import PhaseLog, memory_reading
     from flmem.serde import model_bytes
     from flmem.server import RoundServer
@@ -104,12 +104,12 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     status = StatusWriter(out, role if role == "server" else f"client_{rank}", int(cfg.rounds))
     with phases.setup("model"):
         torch.manual_seed(int(cfg.seed))  # the server's initial global model depends on the seed only
-        model = hydra.utils.instantiate(cfg.model)
+        model = instantiate(cfg.model)
         markers["model_bytes"] = model_bytes(model.state_dict())
     if role == "server":
         with phases.setup("data"):
-            test_data = hydra.utils.instantiate(cfg.dataset).test_dataset(release=opt.release) if cfg.evaluate else None
-        fl = RoundServer(model, test_data, strategy=hydra.utils.instantiate(cfg.strategy),
+            test_data = instantiate(cfg.dataset).test_dataset(release=opt.release) if cfg.evaluate else None
+        fl = RoundServer(model, test_data, strategy=instantiate(cfg.strategy),
                          num_clients=int(cfg.num_clients), rounds=int(cfg.rounds), codec=codec,
                          streaming=opt.aggregation, seed=int(cfg.seed), round_timeout_s=float(cfg.timeouts.round_s),
                          eval_batch_size=int(cfg.batch_size), status=status, phases=phases)
@@ -142,12 +142,12 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                                 scale=float(cfg.client.perturbation))
         else:
             with phases.setup("data"):
-                source = hydra.utils.instantiate(cfg.dataset)  # conf/dataset/*.yaml: a flmem.datasets source
+                source = instantiate(cfg.dataset)  # conf/dataset/*.yaml: a flmem.datasets source
                 dataset = source.client_dataset(rank, int(cfg.num_clients), release=opt.release)
                 trainer = Trainer(model, dataset, batch_size=int(cfg.batch_size), local_steps=int(cfg.local_steps),
-                                  optimizer=hydra.utils.instantiate(cfg.optimizer), seed=int(cfg.seed), rank=rank,
+                                  optimizer=instantiate(cfg.optimizer), seed=int(cfg.seed), rank=rank,
                                   optimized=opt.trainer, release=opt.release,
-                                  proximal_mu=hydra.utils.instantiate(cfg.strategy).proximal_mu)
+                                  proximal_mu=instantiate(cfg.strategy).proximal_mu)
         connection = None
         if cfg.client.mode != "local_only":
             with phases.setup("connect"):
@@ -204,19 +204,29 @@ def main(argv=None) -> int:
         _import_role_modules()
         markers["untracked_baseline_heap_bytes"] = heap_in_use()
     code, error = 0, None
-    with _tracker(profiling, out / "capture.bin"):
-        try:
-            from omegaconf import OmegaConf
+    from flmem import diskfull
 
-            cfg = OmegaConf.load(args.config)
-            if args.address:
-                cfg.server.address = args.address
-            run_role(cfg, args.role, args.rank, out, markers, address_file=args.address_file)
-        except SystemExit as exc:
-            code, error = (exc.code if isinstance(exc.code, int) else 1), "stopped by the launcher (SIGTERM)"
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the job result
-            code, error = 1, f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
+    try:
+        with _tracker(profiling, out / "capture.bin"):
+            try:
+                from omegaconf import OmegaConf
+
+                cfg = OmegaConf.load(args.config)
+                if args.address:
+                    cfg.server.address = args.address
+                run_role(cfg, args.role, args.rank, out, markers, address_file=args.address_file)
+            except SystemExit as exc:
+                code, error = (exc.code if isinstance(exc.code, int) else 1), "stopped by the launcher (SIGTERM)"
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the job result
+                if diskfull.is_disk_full(exc):  # said in one line: no traceback to write to a full disk
+                    code, error = diskfull.EXIT_CODE, diskfull.describe(exc, getattr(exc, "filename", None) or out)
+                else:
+                    code, error = 1, f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+    except Exception as exc:  # memray could not start or close the capture file
+        if not diskfull.is_disk_full(exc):
+            raise
+        code, error = diskfull.EXIT_CODE, diskfull.describe(exc, out / "capture.bin")
     markers["end_ms"] = time.time() * 1000
     from flmem.phases import memory_reading
 
@@ -225,11 +235,23 @@ def main(argv=None) -> int:
     markers["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     markers["max_rss_bytes"] = markers["memory_at_end"].get("hwm_bytes", markers["ru_maxrss_bytes"])
     markers["exit_code"], markers["error"] = code, error
-    (out / "markers.json").write_text(json.dumps(markers))
-    if error:
-        print(f"flmem {args.role}: {error}", file=sys.stderr, flush=True)
-    return code
+    try:
+        from flmem.status import write_json
 
+        write_json(out / "markers.json", markers)
+    except OSError as exc:  # the exit status still says it (diskfull.EXIT_CODE)
+        if not diskfull.is_disk_full(exc):
+            raise
+        code, error = diskfull.EXIT_CODE, error or diskfull.describe(exc)
+        brief = {k: markers.get(k) for k in ("start_ms", "end_ms", "max_rss_bytes", "inherited_max_rss_bytes")}
+        with contextlib.suppress(OSError):  # over the baseline's markers.json: its block is already the file's
+            with open(out / "markers.json", "r+b") as fh:
+                fh.write(json.dumps({**brief, "exit_code": code, "error": error}).encode())
+                fh.truncate()
+    if error:
+        with contextlib.suppress(OSError):  # stderr.log may lie on the full disk too
+            print(f"flmem {args.role}: {error}", file=sys.stderr, flush=True)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())
