@@ -12,7 +12,15 @@ OPEN = ("pending", "receiving", "combining")
 
 
 class UpdateRefused(ValueError):
-    """An update is refused before any of it was used (wrong round, not sampled, a repeat, a bad header...)."""
+    """An update is refused before any of it was used (wrong round, not sampled, a repeat, a bad header...).
+
+    ``precondition``: True when the update was not expected at all (wrong round, not sampled, a repeat), False
+    when it was malformed or did not match the global model.
+    """
+
+    def __init__(self, message: str, precondition: bool = False):
+        super().__init__(message)
+        self.precondition = precondition
 
 
 class RoundState:
@@ -22,7 +30,8 @@ class RoundState:
         self.round = round_idx
         self.sampled = sorted(sampled)
         self.status = {rank: "pending" for rank in self.sampled}
-        self.failures: list[dict] = []
+        self.failures: list[dict] = []  # sampled clients out of the round: rank, reason (, peer, bytes_received)
+        self.refused: list[dict] = []  # updates not expected in this round: rank, peer, reason, bytes_received
 
     def claim(self, rank: int) -> None:
         """Client ``rank`` starts sending its update. Raises UpdateRefused when it may not."""
@@ -39,13 +48,14 @@ class RoundState:
         if self.status.get(rank) in OPEN:
             self.status[rank] = status
 
-    def fail(self, rank: int, reason: str) -> str | None:
-        """Remove ``rank`` from the round; returns its status before (None if it had already settled)."""
+    def fail(self, rank: int, reason: str, **details) -> str | None:
+        """Remove ``rank`` from the round, recording ``reason`` and ``details`` (e.g. ``peer``,
+        ``bytes_received``); returns its status before (None if it had already settled)."""
         before = self.status.get(rank)
         if before not in OPEN:
             return None
         self.status[rank] = "failed"
-        self.failures.append({"rank": rank, "reason": reason})
+        self.failures.append({"rank": rank, "reason": reason, **details})
         return before
 
     def turn(self) -> int | None:
@@ -63,4 +73,5 @@ class RoundState:
         return [k for k in self.sampled if self.status[k] == "pending"]
 
     def record(self) -> dict:
-        return {"sampled": list(self.sampled), "updates": len(self.arrived()), "failures": list(self.failures)}
+        return {"sampled": list(self.sampled), "updates": len(self.arrived()), "failures": list(self.failures),
+                "refused": list(self.refused)}
