@@ -124,13 +124,14 @@ def checked_chunks(chunks: Iterable[Chunk], total: int, chunk: int, layout: serd
                    non_finite: str = "accept") -> Iterator[Chunk]:
     """``chunks`` passed through one by one, each refused unless it is the next cut of a ``total``-byte payload
     into ``chunk``-byte pieces; with a ``raw`` ``layout`` and ``non_finite="reject"``, also unless its floating
-    values are finite. A chunk past the end is refused when it arrives (nothing of it is kept), a short stream
-    when it ends.
+    values are finite. A chunk past the end is refused when it arrives (nothing of it is kept; the last chunk is
+    handed on only after the end of the stream is seen, so none of it is used either), a short stream when it ends.
 
     Raises:
         ValueError: naming the chunk, its offset and length, and the cut expected.
     """
     position = 0
+    chunks = iter(chunks)
     for i, (offset, data) in enumerate(chunks):
         length = len(data)
         want = min(chunk, total - position)
@@ -143,6 +144,11 @@ def checked_chunks(chunks: Iterable[Chunk], total: int, chunk: int, layout: serd
         if layout is not None and non_finite == "reject":
             check_finite_chunk(layout, offset, data)
         position += length
+        if position == total:  # the last chunk is handed on only once the stream has ended: a byte too many
+            extra = next(chunks, None)  # is refused before any of the last chunk is used
+            if extra is not None:
+                raise ValueError(f"chunk {i + 1} [{extra[0]}, {extra[0] + len(extra[1])}) lies past the end of the "
+                                 f"{total}-byte payload (a byte too many)")
         yield offset, data
     if position != total:
         raise ValueError(f"stream ended after {position} of {total} payload bytes")
