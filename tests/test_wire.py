@@ -32,7 +32,7 @@ HOSTILE, HONEST = 0, 1  # the hostile client takes the first turn of the rank-or
 
 # name: (optimization.serde, optimization.transport, optimization.aggregation, strategy)
 PATHS = {"optimized-fedavg": (True, True, True, FedAvg), "optimized-fedmedian": (True, True, True, FedMedian),
-         "original-fedavg": (False, False, False, FedAvg),
+         "original-fedavg": (False, False, False, FedAvg), "original-fedmedian": (False, False, False, FedMedian),
          "torch-fold-fedavg": (False, True, True, FedAvg), "torch-aligned-fedmedian": (False, True, True, FedMedian)}
 
 
