@@ -228,8 +228,9 @@ def run_honest(job: Job, honest: ServerConnection) -> dict:
     job.fetch_into(honest, 1, HONEST, final)
     job.thread.join(60)
     assert "error" not in job.outcome, job.outcome.get("error")
+    server = job.fl.model.state_dict()
     for name, value in final.state_dict().items():  # the honest client holds the server's final model
-        torch.testing.assert_close(value, job.fl.model.state_dict()[name], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(value, server[name], rtol=0, atol=0, equal_nan=True)
     return update
 
 
