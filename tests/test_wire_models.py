@@ -176,3 +176,17 @@ def test_a_server_optimizer_steps_a_channels_last_global_model_as_a_contiguous_o
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
     assert not torch.equal(results[0]["conv1.weight"], update["conv1.weight"])
+
+
+def test_comm_only_perturbs_a_channels_last_model_as_a_contiguous_one():
+    from flmem.trainer import Perturber
+
+    models = []
+    for make in (ConvNet, channels_last):
+        torch.manual_seed(4)
+        model = make()
+        Perturber(model, 10, seed=0, rank=1).train_round(0)
+        models.append(model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    torch.manual_seed(4)
+    assert not torch.equal(ConvNet().conv1.weight, models[1]["conv1.weight"])
