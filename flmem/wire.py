@@ -95,6 +95,8 @@ class Incoming:
                 raise ValueError(f"the stream ended after {got} of the header's {total} bytes")
             piece, offset, data = nxt
             self.received += len(piece) + len(data)
+            if not piece and not data:  # each message must advance the header: no endless empty messages
+                raise ValueError(f"an empty message after {got} of the header's {total} bytes")
             if got + len(piece) > total:
                 raise ValueError(f"the header's pieces exceed its announced {total} bytes")
             pieces.append(piece)

@@ -172,6 +172,8 @@ CASES = {
         r"the header is 5242880 bytes long; this receiver reads at most \d+"),
     "header longer than announced": Case(lambda fmt, g: stream(b"{" + b" " * 40000 + b"}", [], header_bytes=100),
                                          r"the header is 40002 bytes long"),
+    "empty header pieces": Case(lambda fmt, g: stream(b"{", [], header_bytes=1000) + [
+        flmem_pb2.ModelChunk() for _ in range(50)], r"an empty message after 1 of the header's 1000 bytes"),
     "broken JSON header": Case(lambda fmt, g: stream(b'{"format": "raw", "total_bytes": 1', []), r"not JSON"),
     "JSON that is no header": Case(lambda fmt, g: stream(b'[1, 2, 3]', []), r"malformed model header"),
     "empty stream": Case(lambda fmt, g: stream(b"", []), r"no header \(an empty first message\)"),
