@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
+from flmem import serde, wire
 from flmem.codec import ModelCodec
 from flmem.phases import NO_PHASES, PhaseLog
 from flmem.trainer import Trainer
@@ -35,6 +36,7 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
             this client did not send last.
     """
     state = trainer.model.state_dict()  # tensors share the parameters' storage
+    header_cap = wire.header_cap(serde.Layout.of(state))  # the longest global-model header read (bytes)
     history = []
 
     def book(record: dict, t0: float, t1: float, t2: float) -> None:
@@ -71,7 +73,7 @@ def run_client(connection, trainer: Trainer, codec: ModelCodec, *, rank: int, ro
         t0 = time.time()
         if connection is not None:
             with phases.fl("fetch", r):
-                fetched = connection.fetch(r, rank)
+                fetched = connection.fetch(r, rank, header_cap)
                 if not isinstance(fetched, (Skip, Resend)):
                     header, finished, chunks = fetched
                     codec.receive_into(header, chunks, state)

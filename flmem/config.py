@@ -152,6 +152,9 @@ def _rules(cfg: DictConfig):
 
     yield (isinstance(cfg.server.port, int) and 0 <= cfg.server.port <= 65535,
            f"server.port={cfg.server.port}: must be 0 (any free port) to 65535")
+    non_finite = OmegaConf.select(cfg, "server.non_finite")
+    yield (non_finite in ("reject", "accept"),
+           f"server.non_finite={non_finite}: must be reject (refuse an update holding NaN or infinity) or accept")
     if cfg.role.name == "client":
         rank = cfg.role.rank
         n = cfg.num_clients if isinstance(cfg.num_clients, int) else 0

@@ -14,7 +14,15 @@ OPEN = ("pending", "resend", "receiving", "combining")
 
 
 class UpdateRefused(ValueError):
-    """An update is refused before any of it was used (wrong round, not sampled, a repeat, a bad header...)."""
+    """An update is refused before any of it was used (wrong round, not sampled, a repeat, a bad header...).
+
+    ``precondition``: True when the update was not expected at all (wrong round, not sampled, a repeat), False
+    when it was malformed or did not match the global model.
+    """
+
+    def __init__(self, message: str, precondition: bool = False):
+        super().__init__(message)
+        self.precondition = precondition
 
 
 class RoundState:
@@ -24,7 +32,8 @@ class RoundState:
         self.round = round_idx
         self.sampled = sorted(sampled)
         self.status = {rank: "pending" for rank in self.sampled}
-        self.failures: list[dict] = []
+        self.failures: list[dict] = []  # sampled clients out of the round: rank, reason (, peer, bytes_received)
+        self.refused: list[dict] = []  # updates not expected in this round: rank, peer, reason, bytes_received
         self.restarts = 0  # times the round's aggregate was discarded and combining began again
         self.resends = 0   # updates the server asked to be sent again
 
@@ -43,13 +52,14 @@ class RoundState:
         if self.status.get(rank) in OPEN:
             self.status[rank] = status
 
-    def fail(self, rank: int, reason: str) -> str | None:
-        """Remove ``rank`` from the round; returns its status before (None if it had already settled)."""
+    def fail(self, rank: int, reason: str, **details) -> str | None:
+        """Remove ``rank`` from the round, recording ``reason`` and ``details`` (e.g. ``peer``,
+        ``bytes_received``); returns its status before (None if it had already settled)."""
         before = self.status.get(rank)
         if before not in OPEN:
             return None
         self.status[rank] = "failed"
-        self.failures.append({"rank": rank, "reason": reason})
+        self.failures.append({"rank": rank, "reason": reason, **details})
         return before
 
     def restart(self, gone: dict[int, str]) -> list[int]:
@@ -93,4 +103,4 @@ class RoundState:
 
     def record(self) -> dict:
         return {"sampled": list(self.sampled), "updates": len(self.arrived()), "failures": list(self.failures),
-                "restarts": self.restarts, "resends": self.resends}
+                "refused": list(self.refused), "restarts": self.restarts, "resends": self.resends}

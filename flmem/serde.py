@@ -98,7 +98,15 @@ def model_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (a 0-d tensor is viewed as 1-d)."""
+    """The bytes of a contiguous CPU tensor, without a copy (a 0-d tensor is viewed as 1-d).
+
+    Raises:
+        ValueError: ``t`` is not contiguous (e.g. ``channels_last``): a flat view of it would be a copy, and bytes
+            written there would never reach the tensor.
+    """
+    if not t.is_contiguous():
+        raise ValueError(f"a {tuple(t.shape)} tensor with strides {t.stride()} is not contiguous: its bytes cannot be "
+                         "viewed in place (write through a contiguous copy, then copy_ it back)")
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -231,9 +239,20 @@ def segments(layout: Layout, offset: int, length: int) -> Iterator[tuple[TensorE
 
 
 def loads_header(raw: bytes) -> dict:
-    header = json.loads(raw)
-    if header.get("format") not in ("torch", "raw") or not isinstance(header.get("total_bytes"), int):
-        raise ValueError(f"malformed model header: {raw[:200]!r}")
+    """Parse a model header: a JSON object with ``format`` (``raw`` | ``torch``) and an integer ``total_bytes``.
+
+    Raises:
+        ValueError: anything else (bad UTF-8 or JSON, nesting too deep, other types), quoting its start.
+    """
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"the model header is not JSON ({type(exc).__name__}: {str(exc)[:100]}): "
+                         f"{bytes(raw[:100])!r}") from None
+    if not isinstance(header, dict) or header.get("format") not in ("torch", "raw") \
+            or type(header.get("total_bytes")) is not int:
+        raise ValueError(f"malformed model header (needs format raw|torch and an integer total_bytes): "
+                         f"{bytes(raw[:200])!r}")
     return header
 
 

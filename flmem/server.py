@@ -17,13 +17,14 @@ values were used send theirs again (:mod:`flmem.restart`).
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 
 import torch
 
-from flmem import serde
-from flmem.codec import ModelCodec, check_claimed_size
+from flmem import serde, wire
+from flmem.codec import ModelCodec
 from flmem.lockstep import AlignedChunks
 from flmem.phases import NO_PHASES, PhaseLog
 from flmem.restart import ResendRequested
@@ -53,11 +54,18 @@ class RoundServer:
         phases: records the FL phases of :meth:`run`: per round ``receive`` (sampling, then waiting for the
             updates while gRPC handler threads receive or combine them), ``aggregate``, ``evaluate`` (with the round's
             bookkeeping and publishing; without test data that is part of ``aggregate``), then ``serve final``.
+        non_finite: ``reject`` (refuse an update holding a NaN or infinity in a floating tensor, checked before
+            any of it is combined) or ``accept`` (``server.non_finite``).
+    Raises:
+        ValueError: ``non_finite`` is neither.
     """
 
     def __init__(self, model: torch.nn.Module, test_data, *, strategy: Strategy, num_clients: int, rounds: int,
                  codec: ModelCodec, streaming: bool, seed: int = 0, round_timeout_s: float = 600.0,
-                 eval_batch_size: int = 64, status=None, phases: PhaseLog = NO_PHASES):
+                 eval_batch_size: int = 64, status=None, phases: PhaseLog = NO_PHASES, non_finite: str = "reject"):
+        if non_finite not in wire.NON_FINITE:
+            raise ValueError(f"server.non_finite={non_finite}: must be reject or accept")
+        self.non_finite = non_finite
         self.model, self.test_data, self.strategy = model, test_data, strategy
         self.num_clients, self.rounds, self.seed = num_clients, rounds, seed
         self.codec, self.streaming = codec, streaming
@@ -65,6 +73,7 @@ class RoundServer:
         self.status, self.phases = status, phases
         self.state = model.state_dict()  # tensors share the parameters' storage
         self.layout = serde.Layout.of(self.state)
+        self.header_cap = wire.header_cap(self.layout)  # the longest update header read (bytes)
         self.joined: set[int] = set()
         self.departed: dict[int, str] = {}
         self.final_fetched: set[int] = set()
@@ -140,14 +149,25 @@ class RoundServer:
                 self.final_fetched.add(rank)
                 self.cond.notify_all()
 
-    def receive_update(self, round_idx: int, rank: int, num_samples: int, header: dict, chunks) -> tuple[bool, str]:
-        """Take client ``rank``'s round-``round_idx`` update: ``(True, "")``, or ``(False, reason)`` when it is
-        refused (the client is then out of the round; the round goes on without it).
+    def receive_update(self, round_idx: int, rank: int, num_samples: int, incoming: wire.Incoming,
+                       peer: str = "") -> None:
+        """Take client ``rank``'s round-``round_idx`` update from ``incoming`` (its header not read yet), checked
+        against the global model (:mod:`flmem.wire`) before anything is allocated or combined.
+
+        A refused update is recorded with ``rank``, ``peer`` (the client's address), the reason and the bytes
+        received so far: in the round's ``failures`` when ``rank`` takes part in it (the client is then out of the
+        round; the round goes on without it, as the strategy's failure policy allows), else in its ``refused``;
+        and printed on stderr.
 
         Raises:
             ResendRequested: the update was not used (the round's aggregate restarted without a failed client):
                 the client must send it again.
+            UpdateRefused: the update is refused; the message names the client, its address and the bytes
+                received; ``precondition`` is True when the update was not expected at all (wrong round, a rank not
+                sampled, a repeat), False when it was bad (if part of it was combined, the round's aggregate
+                restarts without it).
         """
+        who = f"client {rank} ({peer or 'in-process'})"
         with self.cond:
             try:
                 self._check_rank(rank)
@@ -158,43 +178,49 @@ class RoundServer:
                                         "late or early")
                 self.current.claim(rank)
             except (UpdateRefused, ValueError) as exc:
-                return False, str(exc)
+                message = f"update of {who} for round {round_idx} refused after {incoming.received} bytes: {exc}"
+                if self.current is not None:
+                    self.current.refused.append({"rank": rank, "peer": peer, "reason": str(exc),
+                                                 "bytes_received": incoming.received})
+                print(f"flmem server: {message}", file=sys.stderr, flush=True)
+                raise UpdateRefused(message, precondition=True) from None
             state = self.current
+        started = time.time()
         try:
-            started = time.time()
-            queued_s = self._take(state, rank, num_samples, header, chunks)
+            header = incoming.header(self.header_cap)
+            queued_s = self._take(state, rank, num_samples, header, incoming.chunks())
         except ResendRequested:  # the chunk-aligned reduction restarted without another client
             with self.cond:
                 state.resend(rank)
                 self.cond.notify_all()
             raise
         except Exception as exc:  # noqa: BLE001 - a bad update is refused alone
-            reason = f"update refused: {type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {exc}"
+            message = f"update of {who} for round {round_idx} refused after {incoming.received} bytes: {reason}"
             with self.cond:  # if part of it was combined, the round's aggregate restarts without it
-                self._fail(rank, reason)
+                self._fail(rank, reason, peer=peer, bytes_received=incoming.received)
                 self.cond.notify_all()
-            return False, reason
+            print(f"flmem server: {message}", file=sys.stderr, flush=True)
+            raise UpdateRefused(message) from None
         with self.cond:
             self.transfers.append({"direction": "update", "rank": rank, "bytes": header["total_bytes"],
                                    "seconds": time.time() - started - queued_s, "queued_s": queued_s})
             state.set(rank, "done")
             self.cond.notify_all()
-        return True, ""
 
     def _take(self, state: RoundState, rank: int, num_samples: int, header: dict, chunks) -> float:
         """Receive and combine one update; returns the seconds it waited for its turn (rank order)."""
         if num_samples <= 0:
             raise ValueError(f"client {rank} reported {num_samples} training samples")
+        self.codec.check_header(header, self.layout)  # format, table, size: before anything is allocated
         weight = self.strategy.weight(num_samples)
         if not self.streaming:
-            check_claimed_size(header, self.layout.total_bytes)
-            update = self.codec.receive(header, chunks)
-            self.layout.check_matches(serde.Layout.of(update))
+            update = self.codec.receive(header, chunks, self.layout, self.non_finite)
             with self.cond:
                 self.strategy.accept(rank, weight, update)
             return 0.0
         if self.strategy.combine == "coordinate":
-            self.lockstep.feed(rank, self.codec.aligned_chunks(header, chunks, self.layout))
+            self.lockstep.feed(rank, self.codec.aligned_chunks(header, chunks, self.layout, self.non_finite))
             return 0.0
         # One update is added at a time, in rank order: the others wait in gRPC's flow-control window (about a
         # chunk each), and the sum is the same float whatever order the updates arrive in.
@@ -209,7 +235,7 @@ class RoundServer:
             state.set(rank, "combining")
             turn = self._turn = (rank, self.strategy.running.turn())  # one update combines at a time (rank order)
         queued = time.time() - queued
-        self.codec.fold(header, chunks, turn[1], weight)  # on failure the turn stays open until _fail closes it
+        self.codec.fold(header, chunks, turn[1], weight, self.non_finite)  # on failure the turn stays open until _fail closes it
         with self.cond:
             if self._turn is turn:
                 self._turn = None
@@ -220,11 +246,12 @@ class RoundServer:
             self.errors.append(exc)
             self.cond.notify_all()
 
-    def _fail(self, rank: int, reason: str) -> None:
+    def _fail(self, rank: int, reason: str, **details) -> None:
         """Take ``rank`` out of the current round (lock held); if part of its update was combined, the round's
-        aggregate restarts without it (:mod:`flmem.restart`)."""
+        aggregate restarts without it (:mod:`flmem.restart`). ``details``: recorded with the failure (peer,
+        bytes_received)."""
         state = self.current
-        if state is None or state.fail(rank, reason) is None:
+        if state is None or state.fail(rank, reason, **details) is None:
             return
         if self.lockstep is not None and self.lockstep.drop(rank, reason):  # lock order: server, then lockstep
             state.restarts += 1

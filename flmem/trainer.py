@@ -36,10 +36,13 @@ class Perturber:
         for p in self.model.parameters():
             if not p.dtype.is_floating_point:
                 continue
-            flat = p.view(-1)
+            target = p if p.is_contiguous() else p.contiguous()  # channels_last: through a contiguous copy
+            flat = target.view(-1)
             for start in range(0, flat.numel(), self.block):  # noise one block at a time, never a model's worth
                 piece = flat[start:start + self.block]
                 piece.add_(torch.randn(piece.shape, generator=gen, dtype=p.dtype), alpha=self.scale)
+            if target is not p:
+                p.copy_(target)
         return {"loss": 0.0, "update_norm": None, "steps": 0, "samples": self.num_samples}
 
 

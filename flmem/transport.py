@@ -4,18 +4,24 @@ Nothing above this module sees a protobuf message: the server side calls a
 :class:`~flmem.server.RoundServer`'s ``join``/``global_model``/``receive_update``, the client side
 gets ``(header, finished, chunks)`` where chunks are ``(offset, bytes)`` pairs, or :class:`Skip`, or
 :class:`Resend` (see :mod:`flmem.restart`).
-Send and receive limits on both sides come from one value, ``transport.max_message_bytes``.
+Send and receive limits on both sides come from one value, ``transport.max_message_bytes``; a model's header
+travels in pieces of at most ``transport.chunk_size`` bytes (the first message announces its length in
+``header_bytes``), so no message outgrows the limit however many tensors the model has. A refused update gets an
+error status: INVALID_ARGUMENT (a bad update) or FAILED_PRECONDITION (not expected: wrong round, not sampled, a
+repeat), which :meth:`ServerConnection.push` turns into ``PushResult(False, reason)``; ABORTED: the server failed.
 """
 from __future__ import annotations
 
+import sys
 from concurrent import futures
 from typing import Iterable, Iterator, NamedTuple
 
 import grpc
 
-from flmem import serde
+from flmem import serde, wire
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
 from flmem.restart import ResendRequested
+from flmem.rounds import UpdateRefused
 
 
 class TransportError(RuntimeError):
@@ -75,27 +81,41 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         if header is None:
             yield flmem_pb2.ModelChunk(skip=True, round=finished)
             return
-        yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=request.round, finished=finished)
+        raw = serde.dumps_header(header)
+        pieces = wire.header_pieces(raw, self.fl.codec.chunk)
+        yield flmem_pb2.ModelChunk(header=pieces[0], header_bytes=len(raw), round=request.round, finished=finished)
+        for piece in pieces[1:]:
+            yield flmem_pb2.ModelChunk(header=piece)
         for offset, data in chunks:
             yield flmem_pb2.ModelChunk(offset=offset, data=data)
         self.fl.fetch_done(request.round, request.client_rank)
 
     def PushUpdate(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None:
+            message = (f"an update stream from {context.peer()} (client rank unknown) ended before its first message "
+                       "(an empty stream): refused after 0 bytes")
+            print(f"flmem server: {message}", file=sys.stderr, flush=True)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        incoming = wire.Incoming(first.header_bytes, _triples(first, request_iterator))
         try:
-            first = next(request_iterator)
-            header = serde.loads_header(first.header)
-        except Exception as exc:  # noqa: BLE001 - a malformed stream is refused alone
-            return flmem_pb2.PushReply(accepted=False, reason=f"malformed update: {type(exc).__name__}: {exc}")
-        chunks = ((m.offset, m.data) for m in request_iterator)
-        try:
-            accepted, reason = self.fl.receive_update(first.round, first.client_rank, first.num_samples, header,
-                                                      chunks)
+            self.fl.receive_update(first.round, first.client_rank, first.num_samples, incoming, peer=context.peer())
         except ResendRequested as exc:
             return flmem_pb2.PushReply(round=first.round, resend=True, reason=str(exc))
+        except UpdateRefused as exc:  # this update only: the server and the other clients go on
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION if exc.precondition else
+                          grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # the round cannot go on: the server fails, and says why to every client
             self.fl.record_error(exc)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
-        return flmem_pb2.PushReply(round=first.round, accepted=accepted, reason=reason)
+            context.abort(grpc.StatusCode.ABORTED, f"{type(exc).__name__}: {exc}")
+        return flmem_pb2.PushReply(round=first.round, accepted=True)
+
+
+def _triples(first, messages) -> Iterator[tuple[bytes, int, bytes]]:
+    """A ModelChunk stream as :class:`flmem.wire.Incoming` reads it: ``(header piece, offset, data)``."""
+    yield first.header, first.offset, first.data
+    for m in messages:
+        yield m.header, m.offset, m.data
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
@@ -125,8 +145,11 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
 class ServerConnection:
     """A client's connection to the FL server at ``address`` (``host:port``)."""
 
-    def __init__(self, address: str, max_message_bytes: int, rpc_timeout_s: float, lean: bool = False):
+    def __init__(self, address: str, max_message_bytes: int, rpc_timeout_s: float, lean: bool = False,
+                 chunk_size: int | None = None):
         self.address = address
+        # header pieces: at most transport.chunk_size bytes (the config keeps it under the message limit)
+        self.piece_bytes = chunk_size or max_message_bytes - 1024
         self.timeout = rpc_timeout_s
         self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes, lean))
         self.stub = flmem_pb2_grpc.FederatedLearningStub(self.channel)
@@ -145,37 +168,61 @@ class ServerConnection:
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
                                  "check server.address and that the server role runs") from None
 
-    def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip | Resend:
+    def fetch(self, round_idx: int, rank: int, header_cap: int = 2**26
+              ) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip | Resend:
         """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``, or :class:`Skip`
         when this client does not train in that round, or :class:`Resend` when it must push its last update
-        again first."""
+        again first. ``header_cap``: the longest header read (bytes; see :func:`flmem.wire.header_cap`).
+
+        Raises:
+            TransportError: the call failed, or the header is too long or malformed.
+        """
         stream = self.stub.FetchGlobalModel(flmem_pb2.FetchRequest(client_rank=rank, round=round_idx),
                                             timeout=self.timeout)
+        what = f"the round-{round_idx} global model from {self.address}"
         try:
             first = next(stream)
         except grpc.RpcError as exc:
-            raise TransportError(f"fetching the round-{round_idx} global model from {self.address}: "
-                                 f"{exc.code().name}: {exc.details()}") from None
+            raise TransportError(f"fetching {what}: {exc.code().name}: {exc.details()}") from None
         if first.skip:
             stream.cancel()
             return Skip(first.round)
         if first.resend:
             stream.cancel()
             return Resend(first.round)
-        return serde.loads_header(first.header), first.finished, _chunks(stream, self.address)
+        incoming = wire.Incoming(first.header_bytes, _checked_stream(_triples(first, stream), self.address))
+        try:
+            header = incoming.header(header_cap)
+        except ValueError as exc:
+            stream.cancel()
+            raise TransportError(f"fetching {what}: refused after {incoming.received} bytes: {exc}") from None
+        return header, first.finished, incoming.chunks()
 
     def push(self, round_idx: int, rank: int, num_samples: int, header: dict,
              chunks: Iterable[serde.Chunk]) -> PushResult:
-        """Send one client update; the server may refuse it (the client is then out of that round only)."""
+        """Send one client update; the server may refuse it (the client is then out of that round only).
+
+        Returns:
+            PushResult(True, "") or, when the server refused the update (status INVALID_ARGUMENT or
+            FAILED_PRECONDITION), PushResult(False, the server's reason).
+        Raises:
+            TransportError: any other failure (server gone, server failed: UNAVAILABLE, ABORTED...).
+        """
         def messages():
-            yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=round_idx, client_rank=rank,
+            raw = serde.dumps_header(header)
+            pieces = wire.header_pieces(raw, self.piece_bytes)
+            yield flmem_pb2.ModelChunk(header=pieces[0], header_bytes=len(raw), round=round_idx, client_rank=rank,
                                        num_samples=num_samples)
+            for piece in pieces[1:]:
+                yield flmem_pb2.ModelChunk(header=piece)
             for offset, data in chunks:
                 yield flmem_pb2.ModelChunk(offset=offset, data=data)
         try:
             reply = self.stub.PushUpdate(messages(), timeout=self.timeout)
-            return PushResult(reply.accepted, reply.reason, reply.resend)
+            return PushResult(True, reply.reason, reply.resend)
         except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                return PushResult(False, exc.details())
             raise TransportError(f"sending the round-{round_idx} update of client {rank} to {self.address}: "
                                  f"{exc.code().name}: {exc.details()}") from None
 
@@ -185,9 +232,8 @@ class ServerConnection:
         self.channel.close()
 
 
-def _chunks(stream, address: str) -> Iterator[serde.Chunk]:
+def _checked_stream(triples, address: str):
     try:
-        for message in stream:
-            yield message.offset, message.data
+        yield from triples
     except grpc.RpcError as exc:
         raise TransportError(f"model stream from {address} broke: {exc.code().name}: {exc.details()}") from None

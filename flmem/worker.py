@@ -112,7 +112,8 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
         fl = RoundServer(model, test_data, strategy=instantiate(cfg.strategy),
                          num_clients=int(cfg.num_clients), rounds=int(cfg.rounds), codec=codec,
                          streaming=opt.aggregation, seed=int(cfg.seed), round_timeout_s=float(cfg.timeouts.round_s),
-                         eval_batch_size=int(cfg.batch_size), status=status, phases=phases)
+                         eval_batch_size=int(cfg.batch_size), status=status, phases=phases,
+                         non_finite=str(cfg.server.non_finite))
         with phases.setup("connect"):
             # per client at most three calls at once: its presence stream, an update, the next round's fetch
             grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port),
@@ -155,7 +156,8 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                     cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
                                                        float(cfg.timeouts.server_ready_s))
                 connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
-                                              float(cfg.timeouts.rpc_s), lean=opt.transport)
+                                              float(cfg.timeouts.rpc_s), lean=opt.transport,
+                                              chunk_size=int(cfg.transport.chunk_size))
                 connection.wait_ready(float(cfg.timeouts.server_ready_s))
                 status.update(phase="training")
         else:

@@ -78,8 +78,11 @@ def hostile(address: str, fl: RoundServer, codec: ModelCodec, attack: str, optim
                 until(lambda: fl.lockstep is not None and fl.lockstep.index >= 2, "two chunks reduced")
             call.cancel()
             release.set()
-        else:
-            assert call.result().accepted is False
+        else:  # a refused update gets an error status naming the client
+            with pytest.raises(grpc.RpcError) as refused:
+                call.result()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"client {HOSTILE}" in refused.value.details()
         list(stub.FetchGlobalModel(flmem_pb2.FetchRequest(client_rank=HOSTILE, round=1), timeout=60))
 
         def whole():
@@ -188,7 +191,7 @@ def test_a_restart_asks_the_combined_clients_again_and_fails_those_gone():
     state.claim(3)
     state.set(3, "done")
     assert state.settled() and state.arrived() == [0, 3]
-    assert state.record() == {"sampled": [0, 1, 2, 3], "updates": 2, "failures": state.failures, "restarts": 1,
+    assert state.record() == {"sampled": [0, 1, 2, 3], "updates": 2, "failures": state.failures, "refused": [], "restarts": 1,
                               "resends": 2}
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lmem/proto/flmem.proto\x12\x05\x66lmem\"2\n\x0c\x46\x65tchRequest\x12\x13\n\x0b\x63lient_rank\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x05\"\xa3\x01\n\nModelChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lient_rank\x18\x05 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x03\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x0c\n\x04skip\x18\x08 \x01(\x08\x12\x0e\n\x06resend\x18\n \x01(\x08\"^\n\tPushReply\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x10\n\x08received\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06resend\x18\x05 \x01(\x08\"\"\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_rank\x18\x01 \x01(\x05\"\x0b\n\tJoinReply\"\x1c\n\tModelBlob\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xb6\x01\n\x11\x46\x65\x64\x65ratedLearning\x12<\n\x10\x46\x65tchGlobalModel\x12\x13.flmem.FetchRequest\x1a\x11.flmem.ModelChunk0\x01\x12\x33\n\nPushUpdate\x12\x11.flmem.ModelChunk\x1a\x10.flmem.PushReply(\x01\x12.\n\x04Join\x12\x12.flmem.JoinRequest\x1a\x10.flmem.JoinReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lmem/proto/flmem.proto\x12\x05\x66lmem\"2\n\x0c\x46\x65tchRequest\x12\x13\n\x0b\x63lient_rank\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x05\"\xb9\x01\n\nModelChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lient_rank\x18\x05 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x03\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x0c\n\x04skip\x18\x08 \x01(\x08\x12\x14\n\x0cheader_bytes\x18\t \x01(\x03\x12\x0e\n\x06resend\x18\n \x01(\x08\"^\n\tPushReply\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x10\n\x08received\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06resend\x18\x05 \x01(\x08\"\"\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_rank\x18\x01 \x01(\x05\"\x0b\n\tJoinReply\"\x1c\n\tModelBlob\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xb6\x01\n\x11\x46\x65\x64\x65ratedLearning\x12<\n\x10\x46\x65tchGlobalModel\x12\x13.flmem.FetchRequest\x1a\x11.flmem.ModelChunk0\x01\x12\x33\n\nPushUpdate\x12\x11.flmem.ModelChunk\x1a\x10.flmem.PushReply(\x01\x12.\n\x04Join\x12\x12.flmem.JoinRequest\x1a\x10.flmem.JoinReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHREQUEST']._serialized_start=34
   _globals['_FETCHREQUEST']._serialized_end=84
   _globals['_MODELCHUNK']._serialized_start=87
-  _globals['_MODELCHUNK']._serialized_end=250
-  _globals['_PUSHREPLY']._serialized_start=252
-  _globals['_PUSHREPLY']._serialized_end=346
-  _globals['_JOINREQUEST']._serialized_start=348
-  _globals['_JOINREQUEST']._serialized_end=382
-  _globals['_JOINREPLY']._serialized_start=384
-  _globals['_JOINREPLY']._serialized_end=395
-  _globals['_MODELBLOB']._serialized_start=397
-  _globals['_MODELBLOB']._serialized_end=425
-  _globals['_FEDERATEDLEARNING']._serialized_start=428
-  _globals['_FEDERATEDLEARNING']._serialized_end=610
+  _globals['_MODELCHUNK']._serialized_end=272
+  _globals['_PUSHREPLY']._serialized_start=274
+  _globals['_PUSHREPLY']._serialized_end=368
+  _globals['_JOINREQUEST']._serialized_start=370
+  _globals['_JOINREQUEST']._serialized_end=404
+  _globals['_JOINREPLY']._serialized_start=406
+  _globals['_JOINREPLY']._serialized_end=417
+  _globals['_MODELBLOB']._serialized_start=419
+  _globals['_MODELBLOB']._serialized_end=447
+  _globals['_FEDERATEDLEARNING']._serialized_start=450
+  _globals['_FEDERATEDLEARNING']._serialized_end=632
 # @@protoc_insertion_point(module_scope)

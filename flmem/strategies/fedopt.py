@@ -62,11 +62,15 @@ class FedOpt(SumStrategy):
             if name not in self.m:
                 self.m[name] = torch.zeros_like(mean[name])
                 self.v[name] = torch.full_like(mean[name], self.tau ** 2)
-            flat = [t.view(-1) for t in (x, mean[name], self.m[name], self.v[name])]
+            # A global tensor that is not contiguous (channels_last) steps on a contiguous copy, copied back.
+            xc = x if x.is_contiguous() else x.contiguous()
+            flat = [t.view(-1) for t in (xc, mean[name], self.m[name], self.v[name])]
             for start in range(0, flat[0].numel(), BLOCK):
                 # Block by block: the temporaries of one step are a block each, never a tensor (ResNet-18's
                 # largest is 9 MiB); the arithmetic per element is the same.
                 sq_norm += self._step(*(t[start:start + BLOCK] for t in flat))
+            if xc is not x:
+                x.copy_(xc)
         return {"pseudo_gradient_norm": sq_norm ** 0.5}
 
     def _step(self, x: torch.Tensor, mean: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> float:

@@ -36,23 +36,36 @@ class CoordinateWise(Strategy):
         with torch.no_grad():
             for name, target in global_state.items():
                 stacked = torch.stack([u[name].reshape(-1).to(acc_dtype(target.dtype)) for u, _ in ordered])
-                target.view(-1).copy_(cast(self.reduce(stacked), target.dtype))
+                # copy_ through the logical shape: right for any strides (channels_last too)
+                target.copy_(cast(self.reduce(stacked), target.dtype).view(target.shape))
                 del stacked
         self.updates = {}  # the original path holds the N models until here
         return {}
 
+    _staging: tuple[str, torch.Tensor] | None = None  # the non-contiguous global tensor being written
+
     def reduce_chunk(self, layout: serde.Layout, offset: int, datas: Sequence[bytes],
                      global_state: Mapping[str, torch.Tensor]) -> None:
         """Optimized path: reduce one payload chunk of every update (``datas``, rank order, the same
-        ``offset``) and write the result into the same bytes of the global model."""
+        ``offset``) and write the result into the same bytes of the global model. A global tensor that is not
+        contiguous (``channels_last``) is written into a contiguous staging copy, copied in when its last chunk
+        is reduced (chunks come in order: one staging tensor at a time)."""
         with torch.no_grad():
             for entry, t_start, c_start, nbytes in serde.segments(layout, offset, len(datas[0])):
                 size = torch.empty((), dtype=entry.torch_dtype).element_size()
                 count, dtype = nbytes // size, acc_dtype(entry.torch_dtype)
                 stacked = torch.stack([serde.readonly_tensor(d, entry.torch_dtype, count, c_start).to(dtype)
                                        for d in datas])
-                target = global_state[entry.name].view(-1)[t_start // size:t_start // size + count]
+                tensor = global_state[entry.name]
+                staged = not tensor.is_contiguous()
+                if staged and (self._staging is None or self._staging[0] != entry.name):
+                    self._staging = (entry.name, torch.empty(tensor.numel(), dtype=tensor.dtype))
+                flat = self._staging[1] if staged else tensor.view(-1)
+                target = flat[t_start // size:t_start // size + count]
                 target.copy_(cast(self.reduce(stacked), target.dtype))
+                if staged and t_start + nbytes == entry.nbytes:  # the tensor's last chunk: copy it in
+                    tensor.copy_(flat.view(tensor.shape))
+                    self._staging = None
 
 
 class FedMedian(CoordinateWise):
