@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, NamedTuple
 import grpc
 
 from flmem import serde
+from flmem.idle import IdleWatch
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
 
 
@@ -42,9 +43,19 @@ def channel_options(max_message_bytes: int, lean: bool = False) -> list[tuple[st
     return options + [("grpc.http2.bdp_probe", 0)] if lean else options
 
 
+SPARE_RPCS = 4  # calls beyond the clients' own: a client reconnecting while its old stream is being closed
+
+
+def max_rpcs(num_clients: int) -> int:
+    """The most calls a server for ``num_clients`` clients serves at once: per client its presence stream, one
+    update and one fetch (a fetch may start while the reply to its update is still being sent), plus
+    :data:`SPARE_RPCS`. ``serve(max_workers=max_rpcs(N))`` gives every such call a handler thread at once."""
+    return 3 * num_clients + SPARE_RPCS
+
+
 class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
-    def __init__(self, fl_server):
-        self.fl = fl_server
+    def __init__(self, fl_server, idle: IdleWatch):
+        self.fl, self.idle = fl_server, idle
 
     def Join(self, request, context):
         try:
@@ -57,19 +68,26 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         yield from ()
 
     def FetchGlobalModel(self, request, context):
+        context.add_callback(self.fl.wake)  # a call cancelled while it waits for its round frees its thread at once
         try:
-            header, finished, chunks = self.fl.global_model(request.round, request.client_rank)
+            header, finished, chunks = self.fl.global_model(request.round, request.client_rank, context.is_active)
         except Exception as exc:  # report to the client instead of a bare "Exception calling application"
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
         if header is None:
             yield flmem_pb2.ModelChunk(skip=True, round=finished)
             return
-        yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=request.round, finished=finished)
-        for offset, data in chunks:
-            yield flmem_pb2.ModelChunk(offset=offset, data=data)
-        self.fl.fetch_done(request.round, request.client_rank)
+        try:  # a client that stops reading is cancelled after timeouts.idle_s (each send is timed)
+            with self.idle.sending(context):
+                yield flmem_pb2.ModelChunk(header=serde.dumps_header(header), round=request.round, finished=finished)
+            for offset, data in chunks:
+                with self.idle.sending(context):
+                    yield flmem_pb2.ModelChunk(offset=offset, data=data)
+            self.fl.fetch_done(request.round, request.client_rank)
+        finally:  # also when the stream was cancelled: gRPC then closes this generator
+            self.fl.fetch_ended(request.client_rank)
 
     def PushUpdate(self, request_iterator, context):
+        request_iterator = self.idle.requests(request_iterator, context)  # idle streams end; errors name the client
         try:
             first = next(request_iterator)
             header = serde.loads_header(first.header)
@@ -86,9 +104,14 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
-          lean: bool = False) -> tuple[grpc.Server, int]:
+          lean: bool = False, idle_s: float = 60.0) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port); ``lean``: see
     :func:`channel_options`.
+
+    ``max_workers`` is both the handler threads and the most calls served at once (:func:`max_rpcs`): a call
+    beyond it is refused at once with RESOURCE_EXHAUSTED instead of queueing for a thread. A stream on which the
+    server waits for the client (its next message, or room to send) longer than ``idle_s`` seconds is cancelled
+    (:mod:`flmem.idle`).
 
     Returns the started server and the bound port.
     Raises:
@@ -96,8 +119,9 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
     """
     # SO_REUSEPORT (gRPC's default) would let a second job bind a busy port and steal its clients.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)])
-    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server), server)
+                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)],
+                         maximum_concurrent_rpcs=max_workers)
+    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server, IdleWatch(idle_s)), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # newer gRPC raises where older ones return 0
