@@ -19,10 +19,23 @@ from typing import Iterator
 
 import grpc
 
+from flmem import serde
+
 
 class ClientStreamError(ConnectionError):
     """A client's stream ended before its update did: it went idle, or the client cancelled it (its process
     exited or its network failed). The message names the client and the bytes received."""
+
+
+_CANCEL_RECORD_S = 1.0  # how long a stream that ended short waits for gRPC to record a cancellation (seconds)
+
+
+def _declared_total(first) -> int:
+    """The payload bytes the stream's header declares (0 when there is none to read: nothing to wait for)."""
+    try:
+        return int(serde.loads_header(first.header)["total_bytes"]) if first is not None else 0
+    except Exception:  # noqa: BLE001 - a malformed header is the receiver's to refuse, with its own message
+        return 0
 
 
 class _Stream:
@@ -59,29 +72,40 @@ class IdleWatch:
             ClientStreamError: the stream went idle for ``idle_s`` (it is cancelled), or the client cancelled it;
                 the message names the client's rank (from the first message) and the bytes received so far.
         """
-        stream, rank, received = self._watch(context), None, 0
+        stream, first, received, payload = self._watch(context), None, 0, 0
+        gone = threading.Event()  # set when the call ends: a cancelled call ends before its handler returns
+        if not context.add_callback(gone.set):
+            gone.set()
         try:
             while True:
                 stream.since = time.monotonic()
                 try:
                     message = next(messages)
                 except StopIteration:
+                    # gRPC ends a cancelled stream like a finished one (the cancellation is recorded just after):
+                    # a stream that ends short of its header's total is told apart by waiting for that record
+                    if stream.expired or (payload < _declared_total(first) and gone.wait(_CANCEL_RECORD_S)):
+                        raise self._ended(stream, first, received) from None
                     return
                 except grpc.RpcError:  # gRPC's own error says nothing ("RpcError: "): say who and how far
-                    who = f"client {rank}" if rank is not None else f"a client at {context.peer()}"
-                    if stream.expired:
-                        raise ClientStreamError(f"{who} sent nothing for {self.idle_s:g} s after {received} bytes "
-                                                "(timeouts.idle_s)") from None
-                    raise ClientStreamError(f"{who}'s stream was cancelled after {received} bytes (the client "
-                                            "process exited or its network failed)") from None
+                    raise self._ended(stream, first, received) from None
                 finally:
                     stream.since = None
-                if rank is None:
-                    rank = message.client_rank
+                if first is None:
+                    first = message
                 received += len(message.header) + len(message.data)
+                payload += len(message.data)
                 yield message
         finally:
             self._unwatch(stream)
+
+    def _ended(self, stream: "_Stream", first, received: int) -> ClientStreamError:
+        who = f"client {first.client_rank}" if first is not None else f"a client at {stream.context.peer()}"
+        if stream.expired:
+            return ClientStreamError(f"{who} sent nothing for {self.idle_s:g} s after {received} bytes "
+                                     "(timeouts.idle_s)")
+        return ClientStreamError(f"{who}'s stream was cancelled after {received} bytes (the client process exited "
+                                 "or its network failed)")
 
     @contextmanager
     def sending(self, context):
