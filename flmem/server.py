@@ -78,7 +78,7 @@ class RoundServer:
         self.history: list[dict] = []
         self.transfers: list[dict] = []  # per model stream: direction, rank, bytes, seconds (encode + send/receive)
         self._serving: dict[tuple[int, int], tuple[float, int]] = {}
-        self._fetching: set[int] = set()  # ranks with a fetch under way (waiting or streaming): one each
+        self.fetching: set[int] = set()  # ranks with a fetch under way (waiting or streaming): one each
         self._folds_at_turn = 0  # RunningSum.folds when the combining update's turn began
 
     # ---------------------------------------------------------------- called by gRPC handlers
@@ -146,20 +146,20 @@ class RoundServer:
 
     def _admit_fetch(self, round_idx: int, rank: int) -> None:
         """Refuse at once what would hold a handler thread for nothing (lock held): see :meth:`global_model`."""
-        if rank in self._fetching:
-            raise FetchRefused(f"client {rank} asked for the round-{round_idx} global model while its previous "
-                               "fetch is still under way: one fetch at a time per client")
         if self.published < self.rounds and round_idx > self.published + 1:
             allowed = "0 (the rounds have not begun)" if self.published < 0 else \
                 f"{self.published} (being collected) or {self.published + 1} (the next one)"
             raise FetchRefused(f"client {rank} asked for the round-{round_idx} global model; the server serves "
                                f"round {allowed} now, or the final model (round {self.rounds}) after the last round")
-        self._fetching.add(rank)
+        if rank in self.fetching:
+            raise FetchRefused(f"client {rank} asked for the round-{round_idx} global model while its previous "
+                               "fetch is still under way: one fetch at a time per client")
+        self.fetching.add(rank)
 
     def fetch_ended(self, rank: int) -> None:
         """Client ``rank``'s fetch stream ended (sent whole, cancelled or failed): it may fetch again."""
         with self.cond:
-            self._fetching.discard(rank)
+            self.fetching.discard(rank)
 
     def wake(self) -> None:
         """Let every waiting handler re-check why it waits (e.g. its call was cancelled)."""
