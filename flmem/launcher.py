@@ -1,4 +1,4 @@
-"""One job: start the roles as fresh interpreters, watch them, stop them, and write the job result.
+r"""One job: start the roles as fresh interpreters, watch them, stop them, and write the job result.
 
 Layout of a job directory (Hydra's output dir for the job)::
 

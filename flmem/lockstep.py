@@ -82,6 +82,13 @@ class AlignedChunks:
         self.cond.notify_all()
         return restart
 
+    def stop(self, reason: str) -> None:
+        """The server stops: every participant waiting here raises RoundSpoiledError(``reason``) at once."""
+        with self.cond:
+            if self.spoiled is None:
+                self.spoiled = reason
+            self.cond.notify_all()
+
     def _complete(self) -> bool:
         return bool(self.participants) and all(p in self.slots for p in self.participants)
 

@@ -29,12 +29,16 @@ from flmem.lockstep import AlignedChunks
 from flmem.phases import NO_PHASES, PhaseLog
 from flmem.restart import ResendRequested
 from flmem.rounds import OPEN, RoundState, UpdateRefused
-from flmem.strategies.base import RoundFailedError, Strategy
+from flmem.strategies.base import RoundFailedError, Strategy, describe_failures
 from flmem.trainer import evaluate
 
 
 class RoundTimeoutError(TimeoutError):
     """The final fetches did not complete in time."""
+
+
+class FetchRefused(ValueError):
+    """A fetch that would wait for a round not yet in reach, or a second fetch of one client at a time."""
 
 
 class RoundServer:
@@ -87,6 +91,7 @@ class RoundServer:
         self.transfers: list[dict] = []  # per model stream: direction, rank, bytes, seconds (encode + send/receive)
         self._serving: dict[tuple[int, int], tuple[float, int]] = {}
         self._turn = None  # (rank, UpdateTurn) of the update being added to the running sum
+        self.fetching: set[int] = set()  # ranks with a fetch under way (waiting or streaming): one each
 
     # ---------------------------------------------------------------- called by gRPC handlers
     def join(self, rank: int) -> None:
@@ -106,32 +111,75 @@ class RoundServer:
             self._fail(rank, f"left the job: {self.departed[rank]}")
             self.cond.notify_all()
 
-    def global_model(self, round_idx: int, rank: int):
+    def global_model(self, round_idx: int, rank: int, active=lambda: True):
         """``(header, finished, chunks)`` of the round-``round_idx`` global model once it exists, or
         ``(None, next_round, None)``: client ``rank`` does not train in that round and should ask for ``next_round``.
-        Raises RuntimeError when the server failed; ValueError for a rank outside the job."""
+        After a returned header, :meth:`fetch_ended` must follow when the stream ends (sent or not).
+
+        A fetch may wait for the round being collected or the next one (a client that pushed its update waits
+        while the round aggregates), or, once the rounds are over, the final model; an earlier round is answered
+        with the current one. ``active``: False once the caller's call is gone (it then stops waiting; call
+        :meth:`wake` when that changes).
+
+        Raises:
+            FetchRefused: at once, for a later round, or while another fetch of ``rank`` is under way.
+            RuntimeError: the server failed or stopped, or the call went away while waiting.
+            ValueError: a rank or round outside the job.
+        """
         self._check_rank(rank)
         if not 0 <= round_idx <= self.rounds:
             raise ValueError(f"client {rank} asked for round {round_idx}; this job has rounds 0..{self.rounds}")
         with self.cond:
-            # No deadline here: a round may take timeouts.round_s plus aggregation and evaluation; the client's
-            # own call deadline (timeouts.rpc_s) bounds the wait.
-            self.cond.wait_for(lambda: self.published >= round_idx or self.errors or self.finished.is_set()
-                               or self._resend_asked(round_idx, rank))
-            if self._resend_asked(round_idx, rank):  # its update was in a discarded sum: it sends it again first
-                raise ResendRequested(f"client {rank}'s round-{round_idx - 1} update was in a discarded sum",
-                                      round_idx - 1)
-            if self.errors or self.published < round_idx:
-                raise RuntimeError(f"server failed: {self.errors[0] if self.errors else 'it stopped early'}")
-            self.joined.add(rank)
-            if round_idx < self.published:  # a client that fell behind joins the current round
-                return None, self.published, None
-            if round_idx < self.rounds and rank not in self.current.status:
-                return None, round_idx + 1, None  # not sampled: no model is encoded or sent for it
-        started = time.time()
-        header, chunks = self.codec.encode(self.state)
-        self._serving[(round_idx, rank)] = (started, header["total_bytes"])
-        return header, round_idx == self.rounds, chunks
+            self._admit_fetch(round_idx, rank)
+        streaming = False
+        try:
+            with self.cond:
+                # No deadline here: a round may take timeouts.round_s plus aggregation and evaluation; the client's
+                # own call deadline (timeouts.rpc_s) bounds the wait, and a cancelled call wakes it (``active``).
+                self.cond.wait_for(lambda: self.published >= round_idx or self.errors or self.finished.is_set()
+                                   or not active() or self._resend_asked(round_idx, rank))
+                if self._resend_asked(round_idx, rank):  # its update was in a discarded sum: it sends it again first
+                    raise ResendRequested(f"client {rank}'s round-{round_idx - 1} update was in a discarded sum",
+                                          round_idx - 1)
+                if self.errors or self.published < round_idx:
+                    raise RuntimeError(f"server failed: {self.errors[0]}" if self.errors else
+                                       f"client {rank}'s fetch of round {round_idx} ended before that round: "
+                                       + ("the server stopped" if self.finished.is_set() else "the call went away"))
+                self.joined.add(rank)
+                if round_idx < self.published:  # a client that fell behind joins the current round
+                    return None, self.published, None
+                if round_idx < self.rounds and rank not in self.current.status:
+                    return None, round_idx + 1, None  # not sampled: no model is encoded or sent for it
+            started = time.time()
+            header, chunks = self.codec.encode(self.state)
+            self._serving[(round_idx, rank)] = (started, header["total_bytes"])
+            streaming = True
+            return header, round_idx == self.rounds, chunks
+        finally:
+            if not streaming:
+                self.fetch_ended(rank)
+
+    def _admit_fetch(self, round_idx: int, rank: int) -> None:
+        """Refuse at once what would hold a handler thread for nothing (lock held): see :meth:`global_model`."""
+        if self.published < self.rounds and round_idx > self.published + 1:
+            allowed = "0 (the rounds have not begun)" if self.published < 0 else \
+                f"{self.published} (being collected) or {self.published + 1} (the next one)"
+            raise FetchRefused(f"client {rank} asked for the round-{round_idx} global model; the server serves "
+                               f"round {allowed} now, or the final model (round {self.rounds}) after the last round")
+        if rank in self.fetching:
+            raise FetchRefused(f"client {rank} asked for the round-{round_idx} global model while its previous "
+                               "fetch is still under way: one fetch at a time per client")
+        self.fetching.add(rank)
+
+    def fetch_ended(self, rank: int) -> None:
+        """Client ``rank``'s fetch stream ended (sent whole, cancelled or failed): it may fetch again."""
+        with self.cond:
+            self.fetching.discard(rank)
+
+    def wake(self) -> None:
+        """Let every waiting handler re-check why it waits (e.g. its call was cancelled)."""
+        with self.cond:
+            self.cond.notify_all()
 
     def _resend_asked(self, round_idx: int, rank: int) -> bool:
         """Client ``rank``, asking for round ``round_idx``, must first send its round-``round_idx - 1`` update again
@@ -227,11 +275,12 @@ class RoundServer:
         queued = time.time()
         with self.cond:
             self.cond.wait_for(lambda: (state.turn() == rank and self._turn is None) or self.errors
-                               or state.status.get(rank) not in OPEN)
-            if self.errors:
-                raise RuntimeError(f"server failed: {self.errors[0]}")
-            if state.status.get(rank) not in OPEN:
-                raise UpdateRefused(f"client {rank} is out of round {state.round} while its update waited for its turn")
+                               or self.finished.is_set() or state.status.get(rank) not in OPEN)
+            if self.errors or self.finished.is_set():
+                raise RuntimeError(f"server failed: {self.errors[0]}" if self.errors else "the server stopped")
+            if state.status.get(rank) not in OPEN:  # left the job or timed out while it waited for its turn
+                raise UpdateRefused(next((f["reason"] for f in state.failures if f["rank"] == rank),
+                                         f"client {rank} is out of round {state.round}"))
             state.set(rank, "combining")
             turn = self._turn = (rank, self.strategy.running.turn())  # one update combines at a time (rank order)
         queued = time.time() - queued
@@ -312,7 +361,12 @@ class RoundServer:
         try:
             return self._run()
         finally:
-            self.finished.set()
+            with self.cond:  # every waiting handler (fetch, turn, presence) returns at once: the process can exit
+                self.finished.set()
+                self.cond.notify_all()
+                lockstep = self.lockstep
+            if lockstep is not None:
+                lockstep.stop("the server stopped before the round completed")
 
     def _run(self) -> list[dict]:
         for r in range(self.rounds):
@@ -325,7 +379,8 @@ class RoundServer:
                             self._fail(rank, f"late: no update within {self.round_timeout_s:g} s (timeouts.round_s)")
                         self.cond.notify_all()
                     if not self._wait(state.settled, self.round_timeout_s):
-                        raise RoundFailedError(f"round {r}: updates still streaming after 2 x timeouts.round_s")
+                        with self.cond:
+                            raise RoundFailedError(self._unsettled(state))
                 with self.cond:
                     self.strategy.check_round(r, state.arrived(), state.failures)
             with self.phases.fl("aggregate", r):
@@ -349,6 +404,23 @@ class RoundServer:
                 raise RoundTimeoutError(f"client(s) {sorted(live())} did not fetch the final model within "
                                         f"{self.round_timeout_s:g} s (timeouts.round_s)")
         return self.history
+
+    def _unsettled(self, state: RoundState) -> str:
+        """Why round ``state.round`` did not settle within 2 x timeouts.round_s, client by client (lock held)."""
+        arrived = state.arrived()
+        sending = [k for k in state.sampled if state.status[k] in ("receiving", "combining")]
+        parts = [f"round {state.round}: {len(arrived)} of {len(state.sampled)} client updates arrived within "
+                 f"2 x timeouts.round_s = {2 * self.round_timeout_s:g} s (arrived: {arrived or 'none'})"]
+        turn = state.turn()
+        if self.streaming and self.strategy.combine == "sum" and turn in sending:
+            # updates are added one at a time: the others wait for the one being added, through no fault of theirs
+            parts.append(f"client {turn} was still sending its update")
+            if len(sending) > 1:
+                parts.append(f"client(s) {[k for k in sending if k != turn]} waited for their turn behind it")
+        elif sending:
+            parts.append(f"client(s) {sending} were still sending their updates")
+        parts.append(describe_failures(state.failures))
+        return "; ".join(parts)
 
     def _end_round(self, r: int, record: dict, started: float) -> None:
         """Record round ``r``'s metrics and publish the round-``r+1`` global model."""

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, NamedTuple
 import grpc
 
 from flmem import serde, wire
+from flmem.idle import IdleWatch
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
 from flmem.restart import ResendRequested
 from flmem.rounds import UpdateRefused
@@ -56,9 +57,19 @@ def channel_options(max_message_bytes: int, lean: bool = False) -> list[tuple[st
     return options + [("grpc.http2.bdp_probe", 0)] if lean else options
 
 
+SPARE_RPCS = 4  # calls beyond the clients' own: a client reconnecting while its old stream is being closed
+
+
+def max_rpcs(num_clients: int) -> int:
+    """The most calls a server for ``num_clients`` clients serves at once: per client its presence stream, one
+    update and one fetch (a fetch may start while the reply to its update is still being sent), plus
+    :data:`SPARE_RPCS`. ``serve(max_workers=max_rpcs(N))`` gives every such call a handler thread at once."""
+    return 3 * num_clients + SPARE_RPCS
+
+
 class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
-    def __init__(self, fl_server):
-        self.fl = fl_server
+    def __init__(self, fl_server, idle: IdleWatch):
+        self.fl, self.idle = fl_server, idle
 
     def Join(self, request, context):
         try:
@@ -71,8 +82,9 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         yield from ()
 
     def FetchGlobalModel(self, request, context):
+        context.add_callback(self.fl.wake)  # a call cancelled while it waits for its round frees its thread at once
         try:
-            header, finished, chunks = self.fl.global_model(request.round, request.client_rank)
+            header, finished, chunks = self.fl.global_model(request.round, request.client_rank, context.is_active)
         except ResendRequested as exc:
             yield flmem_pb2.ModelChunk(resend=True, round=exc.round)
             return
@@ -83,18 +95,30 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
             return
         raw = serde.dumps_header(header)
         pieces = wire.header_pieces(raw, self.fl.codec.chunk)
-        yield flmem_pb2.ModelChunk(header=pieces[0], header_bytes=len(raw), round=request.round, finished=finished)
-        for piece in pieces[1:]:
-            yield flmem_pb2.ModelChunk(header=piece)
-        for offset, data in chunks:
-            yield flmem_pb2.ModelChunk(offset=offset, data=data)
-        self.fl.fetch_done(request.round, request.client_rank)
+        try:  # a client that stops reading is cancelled after timeouts.idle_s (each send is timed)
+            with self.idle.sending(context):
+                yield flmem_pb2.ModelChunk(header=pieces[0], header_bytes=len(raw), round=request.round,
+                                           finished=finished)
+            for piece in pieces[1:]:
+                with self.idle.sending(context):
+                    yield flmem_pb2.ModelChunk(header=piece)
+            for offset, data in chunks:
+                with self.idle.sending(context):
+                    yield flmem_pb2.ModelChunk(offset=offset, data=data)
+            self.fl.fetch_done(request.round, request.client_rank)
+        finally:  # also when the stream was cancelled: gRPC then closes this generator
+            self.fl.fetch_ended(request.client_rank)
 
     def PushUpdate(self, request_iterator, context):
-        first = next(request_iterator, None)
+        request_iterator = self.idle.requests(request_iterator, context)  # idle streams end; errors name the client
+        try:
+            first = next(request_iterator, None)
+        except Exception as exc:  # noqa: BLE001 - e.g. cancelled or idle before its first message
+            first, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "ended before its first message (an empty stream)"
         if first is None:
-            message = (f"an update stream from {context.peer()} (client rank unknown) ended before its first message "
-                       "(an empty stream): refused after 0 bytes")
+            message = f"an update stream from {context.peer()} (client rank unknown) {why}: refused after 0 bytes"
             print(f"flmem server: {message}", file=sys.stderr, flush=True)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         incoming = wire.Incoming(first.header_bytes, _triples(first, request_iterator))
@@ -119,9 +143,14 @@ def _triples(first, messages) -> Iterator[tuple[bytes, int, bytes]]:
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
-          lean: bool = False) -> tuple[grpc.Server, int]:
+          lean: bool = False, idle_s: float = 60.0) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port); ``lean``: see
     :func:`channel_options`.
+
+    ``max_workers`` is both the handler threads and the most calls served at once (:func:`max_rpcs`): a call
+    beyond it is refused at once with RESOURCE_EXHAUSTED instead of queueing for a thread. A stream on which the
+    server waits for the client (its next message, or room to send) longer than ``idle_s`` seconds is cancelled
+    (:mod:`flmem.idle`).
 
     Returns the started server and the bound port.
     Raises:
@@ -129,8 +158,9 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
     """
     # SO_REUSEPORT (gRPC's default) would let a second job bind a busy port and steal its clients.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)])
-    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server), server)
+                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)],
+                         maximum_concurrent_rpcs=max_workers)
+    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server, IdleWatch(idle_s)), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # newer gRPC raises where older ones return 0

@@ -94,7 +94,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem.server import RoundServer
     from flmem.status import StatusWriter, write_json
     from flmem.trainer import Perturber, Trainer
-    from flmem.transport import ServerConnection, serve
+    from flmem.transport import ServerConnection, max_rpcs, serve
 
     torch.set_num_threads(int(cfg.threads_per_role))
     phases = PhaseLog(markers.setdefault("phases", []))  # the same list: main() writes it even on failure
@@ -118,7 +118,8 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
             # per client at most three calls at once: its presence stream, an update, the next round's fetch
             grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port),
                                       int(cfg.transport.max_message_bytes),
-                                      max_workers=3 * int(cfg.num_clients) + 4, lean=opt.transport)
+                                      max_workers=max_rpcs(int(cfg.num_clients)), lean=opt.transport,
+                                      idle_s=float(cfg.timeouts.idle_s))
             write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
             print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
             status.update(phase="waiting for clients", port=port)

@@ -98,6 +98,7 @@ def test_unknown_key_is_refused():
     ("client.mode=fast", "client.mode=fast: must be train, local_only or comm_only"),
     ("evaluate=no", "evaluate=no: must be true or false"),
     ("profiling.enabled=1", "profiling.enabled=1: must be true or false"),
+    ("timeouts.idle_s=0", "timeouts.idle_s=0: must be a number > 0 seconds"),
 ])
 def test_bad_values_name_the_key_and_the_rule(override, expected):
     with pytest.raises(ConfigError) as err:

@@ -87,14 +87,17 @@ class Strategy:
         return sorted(random.Random(int(seed) * 1_000_003 + round_idx).sample(ranks, size))
 
     def check_round(self, round_idx: int, arrived: Sequence[int], failures: Sequence[dict]) -> None:
-        """Raise RoundFailedError unless the round may be aggregated with the updates of ``arrived``."""
-        reasons = "; ".join(f"client {f['rank']}: {f['reason']}" for f in failures) or "none"
+        """Raise RoundFailedError unless the round may be aggregated with the updates of ``arrived``; the message
+        counts the updates out of the sampled clients (``arrived`` and ``failures``) and names the late and the
+        failed clients apart."""
+        sampled = len(arrived) + len(failures)
         if failures and not self.accept_failures:
-            raise RoundFailedError(f"round {round_idx}: {len(failures)} client update(s) failed and "
-                                   f"strategy.accept_failures=false. Failures: {reasons}")
+            raise RoundFailedError(f"round {round_idx}: {len(failures)} of {sampled} client updates failed and "
+                                   f"strategy.accept_failures=false; {describe_failures(failures)}")
         if len(arrived) < self.min_fit_clients:
-            raise RoundFailedError(f"round {round_idx}: only {len(arrived)} client update(s) arrived, "
-                                   f"strategy.min_fit_clients={self.min_fit_clients}. Failures: {reasons}")
+            raise RoundFailedError(f"round {round_idx}: only {len(arrived)} of {sampled} client updates arrived "
+                                   f"(arrived: {list(arrived) or 'none'}), strategy.min_fit_clients="
+                                   f"{self.min_fit_clients}; {describe_failures(failures)}")
 
     # ------------------------------------------------------------ the round
     def weight(self, num_samples: int) -> float:
@@ -119,6 +122,16 @@ class Strategy:
     def discard_round(self) -> None:
         """Drop what the round holds (the round failed)."""
         self.updates = {}
+
+
+def describe_failures(failures: Sequence[dict]) -> str:
+    """``failures`` (``{"rank", "reason"}`` records) as text: the late clients (sent nothing in time) apart from
+    the failed ones (left, refused, broken stream), each with its reason."""
+    late = [f for f in failures if f["reason"].startswith("late")]
+    failed = [f for f in failures if not f["reason"].startswith("late")]
+    late_text = "; ".join(f"client {f['rank']} ({f['reason'].removeprefix('late: ')})" for f in late)
+    failed_text = "; ".join(f"client {f['rank']}: {f['reason']}" for f in failed)
+    return f"late: {late_text or 'none'}. Failed: {failed_text or 'none'}"
 
 
 class RoundFailedError(RuntimeError):
