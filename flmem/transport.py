@@ -7,12 +7,15 @@ Send and receive limits on both sides come from one value, ``transport.max_messa
 """
 from __future__ import annotations
 
+import os
 from concurrent import futures
 from typing import Iterable, Iterator, NamedTuple
 
 import grpc
 
 from flmem import serde
+from flmem.address import join, split
+from flmem.security import is_loopback
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
 
 
@@ -42,11 +45,63 @@ def channel_options(max_message_bytes: int, lean: bool = False) -> list[tuple[st
     return options + [("grpc.http2.bdp_probe", 0)] if lean else options
 
 
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+
+
+def keepalive_options(keepalive_s: float | None, server: bool) -> list[tuple[str, int]]:
+    """gRPC keepalive (``transport.keepalive_s``; None: gRPC's defaults, no pings from the client).
+
+    Each end pings the other after ``keepalive_s`` seconds without traffic, also between calls, and drops
+    the connection when no answer comes within ``keepalive_s`` more: a hung or vanished peer is noticed
+    within about twice that, however long ``timeouts.rpc_s`` is. The server accepts pings down to half that
+    interval (more often earns a GOAWAY ``too_many_pings``, so both ends need the same value).
+    """
+    if not keepalive_s:
+        return []
+    ms = max(1000, int(keepalive_s * 1000))
+    # grpc.http2.ping_timeout_ms: newer gRPC waits that long (60 s by default) for any ping's answer,
+    # whatever keepalive_timeout_ms says.
+    options = [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+               ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+    if server:  # the pings a server accepts without data (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
+        options.append(("grpc.http2.min_ping_interval_without_data_ms", ms // 2))
+    return options
+
+
+def _proxy_note(address: str) -> str:
+    """Names the proxy variables gRPC would use to reach a non-loopback ``address`` (their values are not
+    shown: they may hold credentials)."""
+    names = [v for v in PROXY_VARIABLES if os.environ.get(v)]
+    if not names or is_loopback(split(address)[0]):
+        return ""
+    return (f"; {', '.join(names)} {'is' if len(names) == 1 else 'are'} set, so gRPC connects through that proxy: "
+            "unset it, or add the server's host to no_proxy")
+
+
+def _rpc_reason(exc: grpc.RpcError, address: str, keepalive_s: float | None) -> str:
+    """``CODE: details`` of a failed call, with what UNAVAILABLE most likely means here."""
+    reason = f"{exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if keepalive_s and any(w in str(exc.details()).lower() for w in ("keepalive", "ping timeout")):
+            reason += (f" (the server answered no keepalive ping within transport.keepalive_s={keepalive_s:g} s: "
+                       "it hung, died, or the network dropped)")
+        reason += _proxy_note(address)
+    return reason
+
+
 class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
+    gate = None  # a flmem.grpcauth.Gate when clients must authenticate (serve's ``security``)
+
     def __init__(self, fl_server):
         self.fl = fl_server
 
+    def _authorize(self, context, rank: int) -> None:
+        """Abort the call (PERMISSION_DENIED) unless ``rank`` is the rank the peer authenticated as."""
+        if self.gate is not None:
+            self.gate.authorize(context, rank)
+
     def Join(self, request, context):
+        self._authorize(context, request.client_rank)
         try:
             self.fl.join(request.client_rank)
         except Exception as exc:
@@ -57,6 +112,7 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         yield from ()
 
     def FetchGlobalModel(self, request, context):
+        self._authorize(context, request.client_rank)
         try:
             header, finished, chunks = self.fl.global_model(request.round, request.client_rank)
         except Exception as exc:  # report to the client instead of a bare "Exception calling application"
@@ -75,6 +131,7 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
             header = serde.loads_header(first.header)
         except Exception as exc:  # noqa: BLE001 - a malformed stream is refused alone
             return flmem_pb2.PushReply(accepted=False, reason=f"malformed update: {type(exc).__name__}: {exc}")
+        self._authorize(context, first.client_rank)
         chunks = ((m.offset, m.data) for m in request_iterator)
         try:
             accepted, reason = self.fl.receive_update(first.round, first.client_rank, first.num_samples, header,
@@ -86,37 +143,73 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
-          lean: bool = False) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port); ``lean``: see
-    :func:`channel_options`.
+          lean: bool = False, security=None, keepalive_s: float | None = None) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port; an IPv6 literal with or
+    without brackets); ``lean``: see :func:`channel_options`; ``security``: a
+    :class:`flmem.grpcauth.ServerSecurity` (TLS and client authentication; None: plaintext, anyone may call);
+    ``keepalive_s``: see :func:`keepalive_options`.
 
     Returns the started server and the bound port.
     Raises:
         TransportError: the address cannot be bound (gRPC reports that by returning port 0).
     """
     # SO_REUSEPORT (gRPC's default) would let a second job bind a busy port and steal its clients.
+    gate = security.gate if security is not None else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)])
-    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server), server)
+                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)]
+                         + keepalive_options(keepalive_s, server=True),
+                         interceptors=[_auth_interceptor(gate)] if gate is not None else None)
+    servicer = _Servicer(fl_server)
+    servicer.gate = gate
+    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)
+    target = join(host, port)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if security is not None and security.credentials is not None:
+            bound = server.add_secure_port(target, security.credentials)
+        else:
+            bound = server.add_insecure_port(target)
     except RuntimeError:  # newer gRPC raises where older ones return 0
         bound = 0
     if bound == 0:
-        raise TransportError(f"cannot listen on {host}:{port} (in use or not a local address); "
+        raise TransportError(f"cannot listen on {target} (in use or not a local address); "
                              "pick another server.port, or server.port=0 for a free one")
     server.start()
     return server, bound
 
 
-class ServerConnection:
-    """A client's connection to the FL server at ``address`` (``host:port``)."""
+def _auth_interceptor(gate):
+    from flmem.grpcauth import AuthInterceptor
 
-    def __init__(self, address: str, max_message_bytes: int, rpc_timeout_s: float, lean: bool = False):
-        self.address = address
+    return AuthInterceptor(gate)
+
+
+class ServerConnection:
+    """A client's connection to the FL server at ``address`` (``host:port``; an IPv6 literal may lack its
+    brackets, as ``::1:50051``: the part after the last colon is the port).
+
+    ``security``: a :class:`flmem.grpcauth.ClientSecurity` (TLS credentials and the metadata that
+    authenticates this client on every call; None: plaintext, no credentials); ``keepalive_s``: see
+    :func:`keepalive_options`. A loopback server is reached directly, never through an HTTP proxy.
+    """
+
+    def __init__(self, address: str, max_message_bytes: int, rpc_timeout_s: float, lean: bool = False,
+                 security=None, keepalive_s: float | None = None):
+        host, port = split(address)
+        self.address = address = join(host, port)
         self.timeout = rpc_timeout_s
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes, lean))
-        self.stub = flmem_pb2_grpc.FederatedLearningStub(self.channel)
+        self.keepalive_s = keepalive_s
+        self.tls = security is not None and security.credentials is not None
+        options = channel_options(max_message_bytes, lean) + keepalive_options(keepalive_s, server=False)
+        if is_loopback(host):  # http_proxy/grpc_proxy would send even 127.0.0.1 to the proxy
+            options.append(("grpc.enable_http_proxy", 0))
+        self.channel = grpc.secure_channel(address, security.credentials, options=options) if self.tls \
+            else grpc.insecure_channel(address, options=options)
+        calls = self.channel
+        if security is not None and security.metadata:
+            from flmem.grpcauth import MetadataInterceptor
+
+            calls = grpc.intercept_channel(self.channel, MetadataInterceptor(security.metadata))
+        self.stub = flmem_pb2_grpc.FederatedLearningStub(calls)
         self.presence = None
 
     def join(self, rank: int) -> None:
@@ -129,8 +222,11 @@ class ServerConnection:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
+            tls = ("; over TLS, a handshake that fails looks the same: check that security.ca_cert signed the "
+                   "server's certificate and that it names this host" if self.tls else "")
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
-                                 "check server.address and that the server role runs") from None
+                                 f"check server.address and that the server role runs{tls}"
+                                 f"{_proxy_note(self.address)}") from None
 
     def fetch(self, round_idx: int, rank: int) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip:
         """Start streaming round ``round_idx``'s global model: ``(header, finished, chunks)``, or :class:`Skip`
@@ -141,11 +237,11 @@ class ServerConnection:
             first = next(stream)
         except grpc.RpcError as exc:
             raise TransportError(f"fetching the round-{round_idx} global model from {self.address}: "
-                                 f"{exc.code().name}: {exc.details()}") from None
+                                 f"{_rpc_reason(exc, self.address, self.keepalive_s)}") from None
         if first.skip:
             stream.cancel()
             return Skip(first.round)
-        return serde.loads_header(first.header), first.finished, _chunks(stream, self.address)
+        return serde.loads_header(first.header), first.finished, _chunks(stream, self.address, self.keepalive_s)
 
     def push(self, round_idx: int, rank: int, num_samples: int, header: dict,
              chunks: Iterable[serde.Chunk]) -> PushResult:
@@ -160,7 +256,7 @@ class ServerConnection:
             return PushResult(reply.accepted, reply.reason)
         except grpc.RpcError as exc:
             raise TransportError(f"sending the round-{round_idx} update of client {rank} to {self.address}: "
-                                 f"{exc.code().name}: {exc.details()}") from None
+                                 f"{_rpc_reason(exc, self.address, self.keepalive_s)}") from None
 
     def close(self) -> None:
         if self.presence is not None:
@@ -168,9 +264,9 @@ class ServerConnection:
         self.channel.close()
 
 
-def _chunks(stream, address: str) -> Iterator[serde.Chunk]:
+def _chunks(stream, address: str, keepalive_s: float | None = None) -> Iterator[serde.Chunk]:
     try:
         for message in stream:
             yield message.offset, message.data
     except grpc.RpcError as exc:
-        raise TransportError(f"model stream from {address} broke: {exc.code().name}: {exc.details()}") from None
+        raise TransportError(f"model stream from {address} broke: {_rpc_reason(exc, address, keepalive_s)}") from None
