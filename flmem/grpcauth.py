@@ -24,6 +24,10 @@ RANK_KEY = "flmem-rank"
 TOKEN_KEY = "flmem-token"
 
 
+def _is_rank(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 9  # "²".isdigit() is true, int("²") fails
+
+
 class Gate:
     """Authenticates a call's peer as one client rank: by token (``secret`` set) and/or by client certificate
     (``mutual``); with both, both must name the same rank."""
@@ -45,14 +49,14 @@ class Gate:
         if self.mutual:
             names = (context.auth_context() or {}).get("x509_common_name") or [b""]
             cn = names[0].decode("utf-8", "replace")
-            if not (cn.startswith(CN_PREFIX) and cn[len(CN_PREFIX):].isdigit()):
+            if not (cn.startswith(CN_PREFIX) and _is_rank(cn[len(CN_PREFIX):])):
                 self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
                              f"{who}: its client certificate's common name {cn[:64]!r} names no client rank "
                              f"({CN_PREFIX}K expected; `flmem certs` makes them)")
             cert_rank = int(cn[len(CN_PREFIX):])
         if self.secret is None:
             return cert_rank
-        if not claimed.isdigit():
+        if not _is_rank(claimed):
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
                          f"{who}: no client rank in the call's credentials; the client needs security.token_file")
         token = metadata.get(TOKEN_KEY)
