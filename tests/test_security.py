@@ -359,3 +359,21 @@ def test_certs_command_then_server_and_clients_as_across_hosts(tmp_path, free_po
         assert res["status"] == "completed", (name, res["failure"], out[-2000:])
         assert secret not in json.dumps(res) and secret not in (tmp_path / name / "config.yaml").read_text()
     assert len(result(tmp_path / "server")["rounds"]) == 2
+
+
+def test_launch_refuses_an_insecure_non_loopback_server_before_any_process_starts(tmp_path):
+    done = launch(["role=server", "server.host=0.0.0.0", *TINY], tmp_path)
+    (job,) = job_dirs(tmp_path)
+    res = result(job)
+    assert res["status"] == "failed" and res["failure"]["role"] == "config" and res["exit_codes"] == {}
+    assert "server.host=0.0.0.0: a server reachable from other hosts refuses to run without TLS" in \
+        res["failure"]["reason"]
+    assert not (job / "roles").exists(), done.stdout[-2000:]
+
+
+def test_certs_command_refuses_bad_arguments_with_status_2(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "flmem.browse.cli", "certs", "--out", str(tmp_path / "c"),
+                           "--hosts", "h1", "--clients", "0"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "flmem certs: error: --clients 0 --days 365: both must be >= 1" in done.stderr
+    assert not (tmp_path / "c").exists()
