@@ -163,9 +163,10 @@ def _rules(cfg: DictConfig):
 
     for key in ("host", "address"):  # Hydra reads server.host=[::1] as a list
         value = cfg.server.get(key)
-        yield (isinstance(value, str) and bool(value), f"server.{key}={value}: must be a host name or address; write an "
-               "IPv6 literal without brackets (server.host=::1, server.address=::1:50051: the last colon starts "
-               "the port) or quote it ('server.address=\"[::1]:50051\"')")
+        yield (isinstance(value, str) and bool(value),
+               f"server.{key}={value}: must be a host name or address; write an IPv6 literal without brackets "
+               "(server.host=::1, server.address=::1:50051: the last colon starts the port) or quote it "
+               "('server.address=\"[::1]:50051\"')")
     yield (isinstance(cfg.server.port, int) and 0 <= cfg.server.port <= 65535,
            f"server.port={cfg.server.port}: must be 0 (any free port) to 65535")
     if cfg.role.name == "client":
@@ -228,9 +229,10 @@ def _security_rules(cfg: DictConfig):
             and not is_loopback(host):
         n = cfg.num_clients
         if not tls:
+            named = host if host not in ("0.0.0.0", "::", "[::]", "") else "HOSTNAME"
             fix = ("add security.tls=true (a throw-away certificate per job), bind server.host=127.0.0.1"
                    if role == "local" else
-                   f"make certificates with `flmem certs --out certs --hosts {host if host not in ('0.0.0.0', '::', '[::]', '') else 'HOSTNAME'} --clients {n}` "
+                   f"make certificates with `flmem certs --out certs --hosts {named} --clients {n}` "
                    "and add security.tls=true security.server_cert=certs/server.pem "
                    "security.server_key=certs/server.key security.secret_file=certs/server.secret")
             yield False, (f"server.host={host}: a server reachable from other hosts refuses to run without TLS "

@@ -182,7 +182,8 @@ def client_security(sec, rank: int, env=None) -> ClientSecurity:
         cert = _pem("security.client_cert", sec.get("client_cert"))
         key = _pem("security.client_key", sec.get("client_key"))
         credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    token = env.get(ENV_TOKEN) or (read_secret_file("security.token_file", sec.get("token_file")).decode("utf-8", "replace")
-                                   if sec.get("token_file") else None)
+    token = env.get(ENV_TOKEN)
+    if not token and sec.get("token_file"):
+        token = read_secret_file("security.token_file", sec.get("token_file")).decode("utf-8", "replace")
     metadata = ((RANK_KEY, str(rank)),) + (((TOKEN_KEY, token),) if token else ())
     return ClientSecurity(credentials, metadata)

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
