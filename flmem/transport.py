@@ -223,7 +223,8 @@ class ServerConnection:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             tls = ("; over TLS, a handshake that fails looks the same: check that security.ca_cert signed the "
-                   "server's certificate and that it names the host in server.address" if self.tls else "")
+                   "server's certificate and that it names the host in server.address" if self.tls
+                   else "; a server with security.tls=true needs security.tls=true here too")
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
                                  f"check server.address and that the server role runs{tls}"
                                  f"{_proxy_note(self.address)}") from None
