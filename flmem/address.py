@@ -16,7 +16,20 @@ WILDCARDS = ("0.0.0.0", "::", "[::]", "")
 
 def join(host: str, port: int | str) -> str:
     """``HOST:PORT``, with an IPv6 literal in brackets (gRPC's form): ``[fd00::5]:50051``."""
+    host = str(host)
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def split(address: str) -> tuple[str, str]:
+    """``(host, port)`` of ``HOST:PORT``; the port is what follows the last colon, so an IPv6 literal may come
+    with or without brackets (``[::1]:50051`` and ``::1:50051`` both give ``("::1", "50051")``)."""
+    host, _, port = str(address).rpartition(":")
+    return host.strip("[]"), port
+
+
+def normalize(address: str) -> str:
+    """``HOST:PORT`` in gRPC's form: an IPv6 literal in brackets (``::1:50051`` -> ``[::1]:50051``)."""
+    return join(*split(address))
 
 
 def _usable(addr: str) -> bool:

@@ -35,7 +35,7 @@ class BenchError(Exception):
     """The report cannot be written as asked (no runs to build a section from); the message says why."""
 
 DEFAULT_EXPERIMENTS = ["resnet_scaling", "client_overhead:3", "large_model", "profiling_overhead:3", "round_time",
-                       "repeat_spread:3", "strategies"]
+                       "repeat_spread:3", "strategies", "tls_cost"]
 MiB = 2**20
 
 

@@ -119,6 +119,17 @@ def round_time(medians: dict) -> list[str]:
             f"ratio optimized/original = {opt['round_s'] / org['round_s']:.2f}.", ""]
 
 
+def tls_cost(medians: dict) -> list[str]:
+    """Round time and model-stream rate with TLS against without, as ratios of the medians."""
+    on, off = _pick(medians, **{"security.tls": True}), _pick(medians, **{"security.tls": False})
+    if not (on and off and on.get("round_s") and off.get("round_s") and on.get("mib_s") and off.get("mib_s")):
+        return ["- TLS cost: not measured (a job is missing or failed).", ""]
+    return [f"- Median round wall time: TLS {on['round_s']:.2f} s, plaintext {off['round_s']:.2f} s: ratio "
+            f"TLS/plaintext = {on['round_s'] / off['round_s']:.2f}.",
+            f"- Median model-stream rate: TLS {on['mib_s']:.1f} MiB/s, plaintext {off['mib_s']:.1f} MiB/s: ratio "
+            f"TLS/plaintext = {on['mib_s'] / off['mib_s']:.2f}.", ""]
+
+
 def repeat_spread(medians: dict) -> list[str]:
     """How much working memory varies between repeats of the same job, per path and role."""
     lines = []
@@ -188,5 +199,5 @@ def findings(name: str, medians: dict) -> list[str]:
     """Markdown lines of derived comparisons for experiment ``name`` (none for unknown experiments)."""
     fn = {"resnet_scaling": resnet_scaling, "client_overhead": client_overhead, "large_model": large_model,
           "profiling_overhead": profiling_overhead, "round_time": round_time,
-          "repeat_spread": repeat_spread, "strategies": strategies}.get(name)
+          "repeat_spread": repeat_spread, "strategies": strategies, "tls_cost": tls_cost}.get(name)
     return fn(medians) if fn else []

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from flmem.security import is_loopback
 
 ENVELOPE_BYTES = 1024  # room for a ModelChunk's non-data fields inside the gRPC message limit
 GRPC_MAX = 2**31 - 1
@@ -141,6 +145,13 @@ def _rules(cfg: DictConfig):
     yield (not isinstance(tr.chunk_size, int) or tr.chunk_size % 8 == 0,
            f"transport.chunk_size={tr.chunk_size}: must be a multiple of 8")
 
+    keepalive = tr.get("keepalive_s")
+    yield (keepalive is None or (isinstance(keepalive, (int, float)) and not isinstance(keepalive, bool)
+                                 and keepalive >= 1),
+           f"transport.keepalive_s={keepalive}: must be a number of seconds >= 1, or null (gRPC's defaults: "
+           "a hung server is noticed only at timeouts.rpc_s)")
+    yield from _security_rules(cfg)
+
     for key, value in cfg.timeouts.items():
         yield positive(f"timeouts.{key}", value, " seconds")
 
@@ -150,6 +161,12 @@ def _rules(cfg: DictConfig):
     yield at_least("profiling.memory_interval_ms", prof.memory_interval_ms, 1)
     yield at_least("profiling.top_sites", prof.top_sites, 0)
 
+    for key in ("host", "address"):  # Hydra reads server.host=[::1] as a list
+        value = cfg.server.get(key)
+        yield (isinstance(value, str) and bool(value),
+               f"server.{key}={value}: must be a host name or address; write an IPv6 literal without brackets "
+               "(server.host=::1, server.address=::1:50051: the last colon starts the port) or quote it "
+               "('server.address=\"[::1]:50051\"')")
     yield (isinstance(cfg.server.port, int) and 0 <= cfg.server.port <= 65535,
            f"server.port={cfg.server.port}: must be 0 (any free port) to 65535")
     non_finite = OmegaConf.select(cfg, "server.non_finite")
@@ -163,6 +180,72 @@ def _rules(cfg: DictConfig):
         yield (bool(host) and port.isdigit() and 0 < int(port) < 65536,
                f"server.address={cfg.server.address}: role=client needs the server's HOST:PORT with a real port "
                "(the server prints it), e.g. server.address=10.0.0.5:50051")
+
+
+SECURITY_FILES = ("ca_cert", "server_cert", "server_key", "client_cert", "client_key", "secret_file", "token_file")
+CERTS_HINT = "`flmem certs --out certs --hosts HOST --clients N` makes them"
+
+
+def _security_rules(cfg: DictConfig):
+    """The ``security`` section: files that exist and are readable, and combinations that make sense
+    (README "Running across hosts, securely")."""
+    sec = cfg.get("security")
+    if sec is None:
+        return
+    for key in ("tls", "insecure", "mutual_tls"):
+        yield isinstance(sec.get(key), bool), f"security.{key}={sec.get(key)}: must be true or false"
+    for key in SECURITY_FILES:
+        path = sec.get(key)
+        if path is None:
+            continue
+        file = Path(str(path)).expanduser()
+        yield file.is_file(), f"security.{key}={path}: no such file ({CERTS_HINT})"
+        if file.is_file():
+            yield os.access(file, os.R_OK), f"security.{key}={path}: not readable by this user; fix its permissions"
+    tls, role = sec.get("tls") is True, cfg.role.name
+    if not tls:
+        for key in ("ca_cert", "server_cert", "server_key", "client_cert", "client_key"):
+            yield sec.get(key) is None, (f"security.{key}={sec.get(key)}: set, but security.tls=false; add "
+                                         "security.tls=true, or drop it")
+        yield sec.get("mutual_tls") is not True, "security.mutual_tls=true: needs security.tls=true"
+    yield not (tls and sec.get("insecure") is True), ("security.insecure=true: contradicts security.tls=true; "
+                                                      "drop security.insecure")
+    for a, b in (("server_cert", "server_key"), ("client_cert", "client_key")):
+        yield (sec.get(a) is None) == (sec.get(b) is None), (f"security.{a}={sec.get(a)} security.{b}={sec.get(b)}: "
+                                                             "give both (a certificate and its key) or neither")
+    if tls and role == "server":
+        yield sec.get("server_cert") is not None, ("security.tls=true: role=server needs security.server_cert and "
+                                                   f"security.server_key ({CERTS_HINT}: server.pem, server.key)")
+    if sec.get("mutual_tls") is True:
+        if role == "local":
+            yield False, ("security.mutual_tls=true: role=local authenticates its clients with per-job tokens; "
+                          "mutual TLS is for role=server and role=client")
+        elif role == "server":
+            yield sec.get("ca_cert") is not None, ("security.mutual_tls=true: the server needs security.ca_cert, "
+                                                   "the CA that signed the client certificates (ca.pem)")
+        elif role == "client":
+            yield sec.get("client_cert") is not None, ("security.mutual_tls=true: the client needs "
+                                                       "security.client_cert and security.client_key "
+                                                       "(client_K.pem, client_K.key)")
+    host = cfg.server.get("host")
+    if role in ("server", "local") and isinstance(host, str) and sec.get("insecure") is not True \
+            and not is_loopback(host):
+        n = cfg.num_clients
+        if not tls:
+            named = host if host not in ("0.0.0.0", "::", "[::]", "") else "HOSTNAME"
+            fix = ("add security.tls=true (a throw-away certificate per job), bind server.host=127.0.0.1"
+                   if role == "local" else
+                   f"make certificates with `flmem certs --out certs --hosts {named} --clients {n}` "
+                   "and add security.tls=true security.server_cert=certs/server.pem "
+                   "security.server_key=certs/server.key security.secret_file=certs/server.secret")
+            yield False, (f"server.host={host}: a server reachable from other hosts refuses to run without TLS "
+                          f"(security.tls=false); {fix}, or accept a server anyone who reaches the port can "
+                          "read and write with security.insecure=true (README: Running across hosts, securely)")
+        elif role == "server":
+            yield (sec.get("secret_file") is not None or sec.get("mutual_tls") is True,
+                   f"server.host={host}: a server reachable from other hosts must authenticate its clients; set "
+                   "security.secret_file=certs/server.secret (each client then needs its security.token_file) or "
+                   "security.mutual_tls=true, or opt out with security.insecure=true")
 
 
 def reference_config(overrides: list[str], config_name: str | None = None) -> DictConfig | None:

@@ -34,6 +34,8 @@ from flmem.config import ConfigError, reference_config, validate
 from flmem.datasets import DATA_ERRORS
 from flmem.literal import literal_config, resolve
 from flmem.profiling import finish_role, memray_stopped
+from flmem.security import client_env
+from flmem.security import local_env as make_local_env
 from flmem.status import read_json, read_metrics, write_json
 
 
@@ -102,12 +104,13 @@ class Role:
     logs: list = field(default_factory=list)
     final_max_rss_bytes: int | None = None  # the child's ru_maxrss from wait4, once reaped
     sent_sigterm: bool = False  # the launcher stopped it (Job.stop)
+    env: dict = field(default_factory=dict, repr=False)  # credentials for this process only (flmem.security)
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         out, err = open(self.dir / "stdout.log", "w"), open(self.dir / "stderr.log", "w")
         self.logs = [out, err]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         # A fresh interpreter (not fork: gRPC is not fork-safe), in its own process group.
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=env, start_new_session=True)
 
@@ -264,9 +267,15 @@ class Job:
         kind = self.cfg.role.name
         roles_dir = self.dir / "roles"
         server = None
-        host = "127.0.0.1" if self.cfg.server.host in ("0.0.0.0", "::", "[::]") else self.cfg.server.host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(str(self.cfg.server.host),
+                                                                        str(self.cfg.server.host))
+        local_env = {}
         if kind == "server" or (kind == "local" and self.cfg.client.mode != "local_only"):
-            server = Role("server", _worker_argv(config, "server", roles_dir / "server"), roles_dir / "server")
+            if kind == "local":  # per-job client tokens, and a per-job certificate for TLS without files
+                sec = self.cfg.get("security") or {}
+                local_env = make_local_env(tls=bool(sec.get("tls")) and not sec.get("server_cert"), host=host)
+            server = Role("server", _worker_argv(config, "server", roles_dir / "server"), roles_dir / "server",
+                          env=local_env)
             self.roles.append(server)
             server.start()
         ranks = range(int(self.cfg.num_clients)) if kind == "local" else [self.cfg.role.rank] if kind == "client" \
@@ -274,21 +283,26 @@ class Job:
         for rank in ranks:
             out = roles_dir / f"client_{rank}"
             if server:
-                argv = _worker_argv(config, "client", out, rank, f"{host}:0", server.dir / "ready.json")
+                argv = _worker_argv(config, "client", out, rank, join(host, 0), server.dir / "ready.json")
             elif self.cfg.client.mode == "local_only":
                 argv = _worker_argv(config, "client", out, rank)
             else:
                 argv = _worker_argv(config, "client", out, rank, self.cfg.server.address)
-            role = Role(f"client_{rank}", argv, out)
+            role = Role(f"client_{rank}", argv, out, env=client_env(local_env, rank) if local_env else {})
             self.roles.append(role)
             role.start()
         if server:
             port = self._wait_ready(server)
             if kind == "server":  # 127.0.0.1 reaches a wildcard-bound server from this host only: print others
                 addresses, note = server_addresses(str(self.cfg.server.host), port)
+                # without brackets: Hydra reads server.address=[fd00::5]:1 as a list (flmem.address.split reads it)
+                addresses = [a.replace("[", "").replace("]", "") for a in addresses]
+                secure = (self.cfg.get("security") or {}).get("tls")
                 print(f"server listening on {join(str(self.cfg.server.host), port)}{note}\n"
                       f"start each client with: python launch.py role=client role.rank=K "
-                      f"server.address={addresses[0]} (same overrides as this run)"
+                      f"server.address={addresses[0]} (same overrides as this run"
+                      + (", with security.ca_cert and the client's own security.token_file instead of the server's "
+                         "files: see `flmem certs`)" if secure else ")")
                       + (f"\n  other addresses of this host: {', '.join(addresses[1:])}" if addresses[1:] else ""),
                       flush=True)
 

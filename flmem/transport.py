@@ -12,6 +12,7 @@ repeat), which :meth:`ServerConnection.push` turns into ``PushResult(False, reas
 """
 from __future__ import annotations
 
+import os
 import sys
 from concurrent import futures
 from typing import Iterable, Iterator, NamedTuple
@@ -19,7 +20,9 @@ from typing import Iterable, Iterator, NamedTuple
 import grpc
 
 from flmem import serde, wire
+from flmem.address import join, split
 from flmem.idle import IdleWatch
+from flmem.security import is_loopback
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
 from flmem.restart import ResendRequested
 from flmem.rounds import UpdateRefused
@@ -67,11 +70,63 @@ def max_rpcs(num_clients: int) -> int:
     return 3 * num_clients + SPARE_RPCS
 
 
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+
+
+def keepalive_options(keepalive_s: float | None, server: bool) -> list[tuple[str, int]]:
+    """gRPC keepalive (``transport.keepalive_s``; None: gRPC's defaults, no pings from the client).
+
+    Each end pings the other after ``keepalive_s`` seconds without traffic, also between calls, and drops
+    the connection when no answer comes within ``keepalive_s`` more: a hung or vanished peer is noticed
+    within about twice that, however long ``timeouts.rpc_s`` is. The server accepts pings down to half that
+    interval (more often earns a GOAWAY ``too_many_pings``, so both ends need the same value).
+    """
+    if not keepalive_s:
+        return []
+    ms = max(1000, int(keepalive_s * 1000))
+    # grpc.http2.ping_timeout_ms: newer gRPC waits that long (60 s by default) for any ping's answer,
+    # whatever keepalive_timeout_ms says.
+    options = [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+               ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+    if server:  # the pings a server accepts without data (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
+        options.append(("grpc.http2.min_ping_interval_without_data_ms", ms // 2))
+    return options
+
+
+def _proxy_note(address: str) -> str:
+    """Names the proxy variables gRPC would use to reach a non-loopback ``address`` (their values are not
+    shown: they may hold credentials)."""
+    names = [v for v in PROXY_VARIABLES if os.environ.get(v)]
+    if not names or is_loopback(split(address)[0]):
+        return ""
+    return (f"; {', '.join(names)} {'is' if len(names) == 1 else 'are'} set, so gRPC connects through that proxy: "
+            "unset it, or add the server's host to no_proxy")
+
+
+def _rpc_reason(exc: grpc.RpcError, address: str, keepalive_s: float | None) -> str:
+    """``CODE: details`` of a failed call, with what UNAVAILABLE most likely means here."""
+    reason = f"{exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if keepalive_s and any(w in str(exc.details()).lower() for w in ("keepalive", "ping timeout")):
+            reason += (f" (the server answered no keepalive ping within transport.keepalive_s={keepalive_s:g} s: "
+                       "it hung, died, or the network dropped)")
+        reason += _proxy_note(address)
+    return reason
+
+
 class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
+    gate = None  # a flmem.grpcauth.Gate when clients must authenticate (serve's ``security``)
+
     def __init__(self, fl_server, idle: IdleWatch):
         self.fl, self.idle = fl_server, idle
 
+    def _authorize(self, context, rank: int) -> None:
+        """Abort the call (PERMISSION_DENIED) unless ``rank`` is the rank the peer authenticated as."""
+        if self.gate is not None:
+            self.gate.authorize(context, rank)
+
     def Join(self, request, context):
+        self._authorize(context, request.client_rank)
         try:
             self.fl.join(request.client_rank)
         except Exception as exc:
@@ -82,6 +137,7 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
         yield from ()
 
     def FetchGlobalModel(self, request, context):
+        self._authorize(context, request.client_rank)
         context.add_callback(self.fl.wake)  # a call cancelled while it waits for its round frees its thread at once
         try:
             header, finished, chunks = self.fl.global_model(request.round, request.client_rank, context.is_active)
@@ -122,6 +178,7 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
             print(f"flmem server: {message}", file=sys.stderr, flush=True)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         incoming = wire.Incoming(first.header_bytes, _triples(first, request_iterator))
+        self._authorize(context, first.client_rank)  # before anything of the update is read
         try:
             self.fl.receive_update(first.round, first.client_rank, first.num_samples, incoming, peer=context.peer())
         except ResendRequested as exc:
@@ -143,9 +200,12 @@ def _triples(first, messages) -> Iterator[tuple[bytes, int, bytes]]:
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
-          lean: bool = False, idle_s: float = 60.0) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port); ``lean``: see
-    :func:`channel_options`.
+          lean: bool = False, idle_s: float = 60.0, security=None,
+          keepalive_s: float | None = None) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port; an IPv6 literal with or
+    without brackets); ``lean``: see :func:`channel_options`; ``security``: a
+    :class:`flmem.grpcauth.ServerSecurity` (TLS and client authentication; None: plaintext, anyone may call);
+    ``keepalive_s``: see :func:`keepalive_options`.
 
     ``max_workers`` is both the handler threads and the most calls served at once (:func:`max_rpcs`): a call
     beyond it is refused at once with RESOURCE_EXHAUSTED instead of queueing for a thread. A stream on which the
@@ -157,32 +217,65 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
         TransportError: the address cannot be bound (gRPC reports that by returning port 0).
     """
     # SO_REUSEPORT (gRPC's default) would let a second job bind a busy port and steal its clients.
+    gate = security.gate if security is not None else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)],
-                         maximum_concurrent_rpcs=max_workers)
-    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(_Servicer(fl_server, IdleWatch(idle_s)), server)
+                         options=channel_options(max_message_bytes, lean) + [("grpc.so_reuseport", 0)]
+                         + keepalive_options(keepalive_s, server=True),
+                         maximum_concurrent_rpcs=max_workers,
+                         interceptors=[_auth_interceptor(gate)] if gate is not None else None)
+    servicer = _Servicer(fl_server, IdleWatch(idle_s))
+    servicer.gate = gate
+    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)
+    target = join(host, port)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if security is not None and security.credentials is not None:
+            bound = server.add_secure_port(target, security.credentials)
+        else:
+            bound = server.add_insecure_port(target)
     except RuntimeError:  # newer gRPC raises where older ones return 0
         bound = 0
     if bound == 0:
-        raise TransportError(f"cannot listen on {host}:{port} (in use or not a local address); "
+        raise TransportError(f"cannot listen on {target} (in use or not a local address); "
                              "pick another server.port, or server.port=0 for a free one")
     server.start()
     return server, bound
 
 
+def _auth_interceptor(gate):
+    from flmem.grpcauth import AuthInterceptor
+
+    return AuthInterceptor(gate)
+
+
 class ServerConnection:
-    """A client's connection to the FL server at ``address`` (``host:port``)."""
+    """A client's connection to the FL server at ``address`` (``host:port``; an IPv6 literal may lack its
+    brackets, as ``::1:50051``: the part after the last colon is the port).
+
+    ``security``: a :class:`flmem.grpcauth.ClientSecurity` (TLS credentials and the metadata that
+    authenticates this client on every call; None: plaintext, no credentials); ``keepalive_s``: see
+    :func:`keepalive_options`. A loopback server is reached directly, never through an HTTP proxy.
+    ``chunk_size``: header pieces are at most this many bytes (the config keeps it under the message limit).
+    """
 
     def __init__(self, address: str, max_message_bytes: int, rpc_timeout_s: float, lean: bool = False,
-                 chunk_size: int | None = None):
-        self.address = address
-        # header pieces: at most transport.chunk_size bytes (the config keeps it under the message limit)
+                 chunk_size: int | None = None, security=None, keepalive_s: float | None = None):
+        host, port = split(address)
+        self.address = address = join(host, port)
         self.piece_bytes = chunk_size or max_message_bytes - 1024
         self.timeout = rpc_timeout_s
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes, lean))
-        self.stub = flmem_pb2_grpc.FederatedLearningStub(self.channel)
+        self.keepalive_s = keepalive_s
+        self.tls = security is not None and security.credentials is not None
+        options = channel_options(max_message_bytes, lean) + keepalive_options(keepalive_s, server=False)
+        if is_loopback(host):  # http_proxy/grpc_proxy would send even 127.0.0.1 to the proxy
+            options.append(("grpc.enable_http_proxy", 0))
+        self.channel = grpc.secure_channel(address, security.credentials, options=options) if self.tls \
+            else grpc.insecure_channel(address, options=options)
+        calls = self.channel
+        if security is not None and security.metadata:
+            from flmem.grpcauth import MetadataInterceptor
+
+            calls = grpc.intercept_channel(self.channel, MetadataInterceptor(security.metadata))
+        self.stub = flmem_pb2_grpc.FederatedLearningStub(calls)
         self.presence = None
 
     def join(self, rank: int) -> None:
@@ -195,8 +288,12 @@ class ServerConnection:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
+            tls = ("; over TLS, a handshake that fails looks the same: check that security.ca_cert signed the "
+                   "server's certificate and that it names the host in server.address" if self.tls
+                   else "; a server with security.tls=true needs security.tls=true here too")
             raise TransportError(f"no FL server answered at {self.address} within {timeout_s:g} s; "
-                                 "check server.address and that the server role runs") from None
+                                 f"check server.address and that the server role runs{tls}"
+                                 f"{_proxy_note(self.address)}") from None
 
     def fetch(self, round_idx: int, rank: int, header_cap: int = 2**26
               ) -> tuple[dict, bool, Iterator[serde.Chunk]] | Skip | Resend:
@@ -213,14 +310,14 @@ class ServerConnection:
         try:
             first = next(stream)
         except grpc.RpcError as exc:
-            raise TransportError(f"fetching {what}: {exc.code().name}: {exc.details()}") from None
+            raise TransportError(f"fetching {what}: {_rpc_reason(exc, self.address, self.keepalive_s)}") from None
         if first.skip:
             stream.cancel()
             return Skip(first.round)
         if first.resend:
             stream.cancel()
             return Resend(first.round)
-        incoming = wire.Incoming(first.header_bytes, _checked_stream(_triples(first, stream), self.address))
+        incoming = wire.Incoming(first.header_bytes, _checked_stream(_triples(first, stream), self.address, self.keepalive_s))
         try:
             header = incoming.header(header_cap)
         except ValueError as exc:
@@ -254,7 +351,7 @@ class ServerConnection:
             if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 return PushResult(False, exc.details())
             raise TransportError(f"sending the round-{round_idx} update of client {rank} to {self.address}: "
-                                 f"{exc.code().name}: {exc.details()}") from None
+                                 f"{_rpc_reason(exc, self.address, self.keepalive_s)}") from None
 
     def close(self) -> None:
         if self.presence is not None:
@@ -262,8 +359,8 @@ class ServerConnection:
         self.channel.close()
 
 
-def _checked_stream(triples, address: str):
+def _checked_stream(triples, address: str, keepalive_s: float | None = None):
     try:
         yield from triples
     except grpc.RpcError as exc:
-        raise TransportError(f"model stream from {address} broke: {exc.code().name}: {exc.details()}") from None
+        raise TransportError(f"model stream from {address} broke: {_rpc_reason(exc, address, keepalive_s)}") from None

@@ -19,6 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
+from flmem.address import join, normalize, split
+
 
 def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
@@ -75,7 +77,7 @@ def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            return f"{host}:{json.loads(ready_file.read_text())['port']}"
+            return join(host, json.loads(ready_file.read_text())["port"])
         except (OSError, ValueError, KeyError):
             time.sleep(0.1)
     raise TimeoutError(f"the server wrote no {ready_file} within {timeout_s:g} s (timeouts.server_ready_s)")
@@ -94,6 +96,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem.server import RoundServer
     from flmem.status import StatusWriter, write_json
     from flmem.trainer import Perturber, Trainer
+    from flmem.grpcauth import client_security, server_security
     from flmem.transport import ServerConnection, max_rpcs, serve
 
     torch.set_num_threads(int(cfg.threads_per_role))
@@ -102,6 +105,8 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     opt = cfg.optimization
     codec = ModelCodec(opt.serde, opt.transport, int(cfg.transport.chunk_size), release=opt.release)
     status = StatusWriter(out, role if role == "server" else f"client_{rank}", int(cfg.rounds))
+    security = cfg.get("security") or {}
+    keepalive_s = cfg.transport.get("keepalive_s")
     with phases.setup("model"):
         torch.manual_seed(int(cfg.seed))  # the server's initial global model depends on the seed only
         model = instantiate(cfg.model)
@@ -119,9 +124,10 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
             grpc_server, port = serve(fl, cfg.server.host, int(cfg.server.port),
                                       int(cfg.transport.max_message_bytes),
                                       max_workers=max_rpcs(int(cfg.num_clients)), lean=opt.transport,
-                                      idle_s=float(cfg.timeouts.idle_s))
+                                      idle_s=float(cfg.timeouts.idle_s), security=server_security(security),
+                                      keepalive_s=keepalive_s)
             write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
-            print(f"flmem server listening on {cfg.server.host}:{port}", flush=True)
+            print(f"flmem server listening on {join(cfg.server.host, port)}", flush=True)
             status.update(phase="waiting for clients", port=port)
         _settle(int(cfg.profiling.memory_interval_ms))
         try:
@@ -154,11 +160,12 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
         if cfg.client.mode != "local_only":
             with phases.setup("connect"):
                 if address_file:
-                    cfg.server.address = _address_from(Path(address_file), cfg.server.address.rpartition(":")[0],
+                    cfg.server.address = _address_from(Path(address_file), split(cfg.server.address)[0],
                                                        float(cfg.timeouts.server_ready_s))
-                connection = ServerConnection(cfg.server.address, int(cfg.transport.max_message_bytes),
+                connection = ServerConnection(normalize(cfg.server.address), int(cfg.transport.max_message_bytes),
                                               float(cfg.timeouts.rpc_s), lean=opt.transport,
-                                              chunk_size=int(cfg.transport.chunk_size))
+                                              chunk_size=int(cfg.transport.chunk_size),
+                                              security=client_security(security, rank), keepalive_s=keepalive_s)
                 connection.wait_ready(float(cfg.timeouts.server_ready_s))
                 status.update(phase="training")
         else:

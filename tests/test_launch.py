@@ -143,7 +143,7 @@ def test_a_name_that_resolves_to_loopback_only_is_never_suggested_first():
 
 @pytest.mark.slow
 def test_server_on_all_interfaces_prints_addresses_other_hosts_can_use(tmp_path, free_port):
-    args = [sys.executable, str(REPO / "launch.py"), "role=server", "server.host=0.0.0.0",
+    args = [sys.executable, str(REPO / "launch.py"), "role=server", "server.host=0.0.0.0", "security.insecure=true",
             f"server.port={free_port}", *TINY]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

@@ -100,14 +100,25 @@ def _report_written(path: Path, console: Console, fmt: str, shown: bool = True) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``flmem COMMAND ...``; the only command is ``browse``."""
+    """``flmem COMMAND ...``: ``browse`` or ``certs`` (:mod:`flmem.certs`)."""
     parser = argparse.ArgumentParser(prog="flmem", description="flmem tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("browse", help="browse and compare runs and sweeps", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Browse and compare flmem runs and sweeps, read from disk.")
     add_arguments(p)
+    c = sub.add_parser("certs", help="make TLS certificates and client tokens for a run across hosts",
+                       description="Write a CA, a server certificate, and per client a certificate and a token; "
+                                   "print the overrides for each role (README: Running across hosts, securely).")
+    from flmem import certs
+
+    certs.add_arguments(c)
     args = parser.parse_args(argv)
+    if args.command == "certs":
+        try:
+            return certs.run(args)
+        except (ValueError, OSError) as exc:
+            c.exit(2, f"flmem certs: error: {exc}\n")
     return _run(p, args)
 
 
