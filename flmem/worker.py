@@ -97,7 +97,8 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
     from flmem.status import StatusWriter, write_json
     from flmem.trainer import Perturber, Trainer
     from flmem.grpcauth import client_security, server_security
-    from flmem.transport import ServerConnection, max_rpcs, serve
+    from flmem.channel import max_rpcs
+    from flmem.transport import ServerConnection, serve
 
     torch.set_num_threads(int(cfg.threads_per_role))
     phases = PhaseLog(markers.setdefault("phases", []))  # the same list: main() writes it even on failure

@@ -17,7 +17,8 @@ from flmem.proto import flmem_pb2, flmem_pb2_grpc
 from flmem.server import RoundServer
 from flmem.strategies import FedAvg
 from flmem.trainer import Perturber
-from flmem.transport import ServerConnection, channel_options, max_rpcs, serve
+from flmem.channel import channel_options, max_rpcs
+from flmem.transport import ServerConnection, serve
 
 MAX_MESSAGE = 4 * 2**20
 

@@ -15,7 +15,7 @@ import pytest
 
 from hostile import Hostile, Job, wait_until
 
-from flmem.transport import SPARE_RPCS, max_rpcs
+from flmem.channel import SPARE_RPCS, max_rpcs
 
 HERE = Path(__file__).resolve().parent
 

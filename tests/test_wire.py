@@ -23,7 +23,8 @@ from flmem.codec import ModelCodec
 from flmem.proto import flmem_pb2, flmem_pb2_grpc
 from flmem.server import RoundServer
 from flmem.strategies import FedAvg, FedMedian
-from flmem.transport import ServerConnection, channel_options, serve
+from flmem.channel import channel_options
+from flmem.transport import ServerConnection, serve
 
 CHUNK = 4096  # the tiny model's update is one chunk
 MAX_MESSAGE = 65536  # the smallest transport.max_message_bytes the config allows
