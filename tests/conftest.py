@@ -121,3 +121,21 @@ def job_dirs(cwd: Path) -> list[Path]:
 
 def result(job_dir: Path) -> dict:
     return json.loads((job_dir / "result.json").read_text())
+
+
+def run_rounds(fl, threads, server=None) -> list[dict]:
+    """Start the client ``threads``, run ``fl`` (a RoundServer) to the end, join them (60 s each), and stop the
+    gRPC ``server`` if given; returns the server's round records. A server failure is recorded first, as the
+    worker does, so that waiting clients hear why."""
+    for t in threads:
+        t.start()
+    try:
+        return fl.run()
+    except BaseException as exc:
+        fl.record_error(exc)
+        raise
+    finally:
+        for t in threads:
+            t.join(60)
+        if server is not None:
+            server.stop(0)

@@ -26,7 +26,7 @@ from flmem.server import RoundServer
 from flmem.strategies import FedAvg, FedMedian
 from flmem.trainer import Trainer
 from flmem.transport import ServerConnection, serve
-from conftest import REPO, TINY, job_dirs, result
+from conftest import REPO, TINY, job_dirs, result, run_rounds
 from test_transport import DS
 
 CHUNK = 64 * 1024
@@ -130,17 +130,7 @@ def job(optimized: bool, strategy, attack: str):
 
     threads = [threading.Thread(target=honest, args=(0,)), threading.Thread(target=bad),
                threading.Thread(target=honest, args=(2,))]
-    for t in threads:
-        t.start()
-    try:
-        history = fl.run()
-    except BaseException as exc:
-        fl.record_error(exc)
-        raise
-    finally:
-        for t in threads:
-            t.join(60)
-        server.stop(0)
+    history = run_rounds(fl, threads, server)
     assert not errors, errors
     assert replies[0].accepted, replies
     return fl.model.state_dict(), history, histories

@@ -31,7 +31,7 @@ from flmem.server import RoundServer
 from flmem.strategies import FedAvg
 from flmem.trainer import Perturber
 from flmem.transport import ServerConnection, TransportError, serve
-from tests.conftest import CONF, REPO, TINY, job_dirs, launch, result
+from tests.conftest import CONF, REPO, TINY, job_dirs, launch, result, run_rounds
 
 DS = SyntheticImages(name="synthetic", channels=3, image_size=32, num_classes=10, train_size=64, test_size=32,
                      samples_per_client=16, test_samples=32, partition="iid", alpha=0.5, seed=0)
@@ -86,16 +86,7 @@ def one_round(server_security_, client_securities, hostile=None, host="127.0.0.1
                 errors.append(exc)
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
-        for t in threads:
-            t.start()
-        try:
-            history = fl.run()
-        except BaseException as exc:
-            fl.record_error(exc)
-            raise
-        finally:
-            for t in threads:
-                t.join(60)
+        history = run_rounds(fl, threads)
     finally:
         server.stop(0)
     assert not errors, errors

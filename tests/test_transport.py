@@ -14,6 +14,7 @@ from flmem.server import RoundServer
 from flmem.strategies import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedYogi, RoundFailedError, TrimmedMean
 from flmem.trainer import Trainer
 from flmem.transport import ServerConnection, TransportError, serve
+from conftest import run_rounds
 
 DS = SyntheticImages(name="synthetic", channels=3, image_size=32, num_classes=10, train_size=256, test_size=64,
                      samples_per_client=40, test_samples=64, partition="iid", alpha=0.5, seed=0)
@@ -63,17 +64,7 @@ def federate(optimized: bool, num_clients=2, rounds=2, chunk_size=64 * 1024, str
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(num_clients)]
-    for t in threads:
-        t.start()
-    try:
-        history = fl.run()
-    except BaseException as exc:
-        fl.record_error(exc)  # as the worker does: waiting clients hear why
-        raise
-    finally:
-        for t in threads:
-            t.join(60)
-        server.stop(0)
+    history = run_rounds(fl, threads, server)
     assert not errors, errors
     return fl.model.state_dict(), finals, history, histories
 
