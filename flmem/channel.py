@@ -69,8 +69,11 @@ def proxy_note(address: str) -> str:
 
 
 def rpc_reason(exc: grpc.RpcError, address: str, keepalive_s: float | None) -> str:
-    """``CODE: details`` of a failed call, with what UNAVAILABLE most likely means here."""
+    """``CODE: details`` of a failed call, with what UNAVAILABLE or CANCELLED most likely means here."""
     reason = f"{exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.CANCELLED:  # a server ends a stream it gave up on by cancelling: no status
+        reason += (" (the server ended the call: it waited longer than its timeouts.idle_s for this client, or this "
+                   "client's upload averaged less than its transport.min_upload_mib_s; its log says which)")
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         if keepalive_s and any(w in str(exc.details()).lower() for w in ("keepalive", "ping timeout")):
             reason += (f" (the server answered no keepalive ping within transport.keepalive_s={keepalive_s:g} s: "

@@ -145,6 +145,9 @@ def _rules(cfg: DictConfig):
     yield (not isinstance(tr.chunk_size, int) or tr.chunk_size % 8 == 0,
            f"transport.chunk_size={tr.chunk_size}: must be a multiple of 8")
 
+    rate = tr.get("min_upload_mib_s")
+    yield (rate is None or (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0),
+           f"transport.min_upload_mib_s={rate}: must be a number of MiB/s > 0, or null (no floor)")
     keepalive = tr.get("keepalive_s")
     yield (keepalive is None or (isinstance(keepalive, (int, float)) and not isinstance(keepalive, bool)
                                  and keepalive >= 1),

@@ -7,7 +7,12 @@ the call's deadline, holding a handler thread and, on the optimized path, the ro
 every stream whose current wait is older than ``idle_s``, and the blocked call then returns or raises at once.
 
 Only time spent waiting on the peer counts: an update that waits for its turn to be added to the running sum, or
-a fetch that waits for its round to be published, is the server's doing and is not timed. The watchdog checks
+a fetch that waits for its round to be published, is the server's doing and is not timed.
+
+A client that sends a chunk just before each ``idle_s`` would still hold the fold slot for ``idle_s`` per chunk.
+With ``min_rate_bytes_s`` an update stream also ends once its total wait on the client exceeds ``idle_s`` plus one
+second per ``min_rate_bytes_s`` bytes received: after a grace of ``idle_s``, it must average at least that rate
+(``transport.min_upload_mib_s``), counted over the time the server waited for it. The watchdog checks
 every ``min(idle_s / 4, 1)`` seconds, so a stream ends between ``idle_s`` and ``idle_s`` plus that tick.
 """
 from __future__ import annotations
@@ -40,10 +45,12 @@ def _declared_total(first) -> int:
 
 class _Stream:
     """One watched stream: ``since`` is when the current wait on the peer began (None: not waiting)."""
-    __slots__ = ("context", "since", "expired")
+    __slots__ = ("context", "peer", "since", "expired", "waited", "payload", "rated", "slow")
 
-    def __init__(self, context):
+    def __init__(self, context, rated: bool = False):
         self.context, self.since, self.expired = context, None, False
+        self.peer = context.peer()  # read now: a cancelled call may no longer know it
+        self.waited, self.payload, self.rated, self.slow = 0.0, 0, rated, False
 
 
 class IdleWatch:
@@ -51,14 +58,19 @@ class IdleWatch:
 
     Args:
         idle_s: the longest wait for one message from, or one send to, the peer (seconds; ``timeouts.idle_s``).
+        min_rate_bytes_s: the lowest average rate of an update stream after ``idle_s`` of waiting on it (bytes per
+            second of waiting; None: no floor).
     Raises:
-        ValueError: ``idle_s`` is not a number > 0.
+        ValueError: ``idle_s`` is not a number > 0, or ``min_rate_bytes_s`` is not None or > 0.
     """
 
-    def __init__(self, idle_s: float):
+    def __init__(self, idle_s: float, min_rate_bytes_s: float | None = None):
         if not idle_s > 0:
             raise ValueError(f"timeouts.idle_s={idle_s}: must be a number > 0 seconds")
+        if min_rate_bytes_s is not None and not min_rate_bytes_s > 0:
+            raise ValueError(f"transport.min_upload_mib_s: {min_rate_bytes_s} bytes/s, must be > 0 (or null)")
         self.idle_s = float(idle_s)
+        self.min_rate = float(min_rate_bytes_s) if min_rate_bytes_s else None
         self.tick_s = min(self.idle_s / 4, 1.0)
         self._streams: set[_Stream] = set()
         self._lock = threading.Lock()
@@ -72,7 +84,7 @@ class IdleWatch:
             ClientStreamError: the stream went idle for ``idle_s`` (it is cancelled), or the client cancelled it;
                 the message names the client's rank (from the first message) and the bytes received so far.
         """
-        stream, first, received, payload = self._watch(context), None, 0, 0
+        stream, first, received, payload = self._watch(context, rated=True), None, 0, 0
         gone = threading.Event()  # set when the call ends: a cancelled call ends before its handler returns
         if not context.add_callback(gone.set):
             gone.set()
@@ -90,20 +102,31 @@ class IdleWatch:
                 except grpc.RpcError:  # gRPC's own error says nothing ("RpcError: "): say who and how far
                     raise self._ended(stream, first, received) from None
                 finally:
+                    stream.waited += time.monotonic() - stream.since
                     stream.since = None
                 if first is None:
                     first = message
                 received += len(message.header) + len(message.data)
                 payload += len(message.data)
+                stream.payload = received
                 yield message
         finally:
             self._unwatch(stream)
 
     def _ended(self, stream: "_Stream", first, received: int) -> ClientStreamError:
-        who = f"client {first.client_rank}" if first is not None else f"a client at {stream.context.peer()}"
+        who = f"client {first.client_rank}" if first is not None else f"a client at {stream.peer}"
+        if stream.slow:
+            waited = stream.waited + (time.monotonic() - stream.since if stream.since is not None else 0.0)
+            return ClientStreamError(f"{who} sent {received} bytes in {waited:.0f} s of waiting for it: less "
+                                     f"than {self.min_rate / 2**20:g} MiB/s after the first {self.idle_s:g} s "
+                                     "(transport.min_upload_mib_s, timeouts.idle_s)")
         if stream.expired:
             return ClientStreamError(f"{who} sent nothing for {self.idle_s:g} s after {received} bytes "
                                      "(timeouts.idle_s)")
+        if first is None:  # gRPC cancels a call whose message exceeds its receive limit before the handler sees it
+            return ClientStreamError(f"{who}'s update stream ended before its first message arrived: the client "
+                                     "cancelled it (its process exited or its network failed), or sent a message "
+                                     "larger than transport.max_message_bytes (gRPC refuses it: RESOURCE_EXHAUSTED)")
         return ClientStreamError(f"{who}'s stream was cancelled after {received} bytes (the client process exited "
                                  "or its network failed)")
 
@@ -120,8 +143,8 @@ class IdleWatch:
             self._unwatch(stream)
 
     # ------------------------------------------------------------ the watchdog
-    def _watch(self, context) -> _Stream:
-        stream = _Stream(context)
+    def _watch(self, context, rated: bool = False) -> _Stream:
+        stream = _Stream(context, rated)
         with self._lock:
             self._streams.add(stream)
             if self._thread is None:  # started on demand, ends when nothing is watched: no lifetime to manage
@@ -143,8 +166,12 @@ class IdleWatch:
                     return
                 for stream in self._streams:
                     since = stream.since
-                    if since is not None and now - since > self.idle_s and not stream.expired:
-                        stream.expired = True
+                    if since is None or stream.expired:
+                        continue
+                    slow = stream.rated and self.min_rate is not None and \
+                        stream.waited + (now - since) > self.idle_s + stream.payload / self.min_rate
+                    if now - since > self.idle_s or slow:
+                        stream.expired, stream.slow = True, slow and now - since <= self.idle_s
                         expired.append(stream)
             for stream in expired:  # outside the lock: cancelling runs gRPC callbacks
                 stream.context.cancel()

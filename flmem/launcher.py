@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ class DiskFullError(RuntimeError):
 #: bytes the launcher holds in the job dir while the roles run, released to write ``result.json`` when
 #: the disk has filled (``.result.json.reserve``; a failed job's result.json with 16 clients is ~200 KiB)
 RESERVE_BYTES = 2**20
+BLAME_GRACE_S = 5.0  # how long a server failure caused by departed clients waits for their exits (seconds)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -323,6 +325,7 @@ class Job:
         """Wait for every role; at a failure the server cannot outlive (see :meth:`_tolerated`) or at
         ``timeouts.job_s``, stop the others. Tolerated client failures are kept in ``self.client_failures``."""
         deadline = time.time() + float(self.cfg.timeouts.job_s)
+        blame_by: dict[str, float] = {}
         while True:
             if self.progress:
                 self.progress.update(self.roles)
@@ -332,8 +335,14 @@ class Job:
             if failed and not self._tolerated(failed):
                 first = next((r for r in failed if r.name == "server"), failed[0])
                 clients = [r for r in failed if r.name != "server"]
+                if first.name == "server" and not clients and "left the job" in first.failure_reason() \
+                        and time.time() < blame_by.setdefault("until", time.time() + BLAME_GRACE_S):
+                    time.sleep(0.2)  # the server saw a client leave before this loop saw its exit: name the client
+                    continue
                 if first.name == "server" and clients and "left the job" in first.failure_reason():
-                    first = clients[0]  # the server failed because its clients had: name their cause
+                    # the server failed because its clients had: name their cause, the ones it says left first
+                    gone = _departed_ranks(first.failure_reason())
+                    first = next((c for c in clients if c.name.removeprefix("client_") in gone), clients[0])
                 self.failure = {"role": first.name, "reason": first.failure_reason()}
                 if first.name != "server":
                     self.failure["reason"] += self._policy_note(failed)
@@ -527,6 +536,12 @@ class Job:
             raise DiskFullError(f"{diskfull.describe(exc)}; the job's result ({result['status']}"
                                 + (f": {result['failure']['reason']}" if result.get("failure") else "")
                                 + ") is not recorded") from None
+
+
+def _departed_ranks(reason: str) -> set[str]:
+    """The client ranks a server failure says left the job ("client K: left the job", or a
+    "{K: 'why'}" dict of departed clients)."""
+    return set(re.findall(r"client (\d+): left the job", reason)) | set(re.findall(r"[{,] ?(\d+): '", reason))
 
 
 def _how(exc: BaseException) -> str:

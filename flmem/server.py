@@ -339,7 +339,7 @@ class RoundServer:
             try:
                 sampled = self.strategy.sample(r, available, self.seed)
             except ValueError as exc:
-                raise RoundFailedError(f"{exc}; left: {self.departed or 'none'}") from None
+                raise RoundFailedError(f"{exc}; clients that left the job: {self.departed or 'none'}") from None
             self.strategy.begin_round(r, self.state)
             self.current, self._turn = RoundState(r, sampled), None
             if self.streaming and self.strategy.combine == "coordinate":

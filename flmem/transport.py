@@ -100,21 +100,22 @@ class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
             self.fl.fetch_ended(request.client_rank)
 
     def PushUpdate(self, request_iterator, context):
+        peer = context.peer()  # read first: a cancelled call may no longer know it
         request_iterator = self.idle.requests(request_iterator, context)  # idle streams end; errors name the client
         try:
             first = next(request_iterator, None)
-        except Exception as exc:  # noqa: BLE001 - e.g. cancelled or idle before its first message
-            first, why = None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - e.g. cancelled or idle before its first message (says so)
+            first, message = None, f"update refused after 0 bytes: {exc}"
         else:
-            why = "ended before its first message (an empty stream)"
+            message = (f"an update stream from {peer} (client rank unknown) ended before its first message (an "
+                       "empty stream): refused after 0 bytes")
         if first is None:
-            message = f"an update stream from {context.peer()} (client rank unknown) {why}: refused after 0 bytes"
             print(f"flmem server: {message}", file=sys.stderr, flush=True)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         incoming = wire.Incoming(first.header_bytes, _triples(first, request_iterator))
         self._authorize(context, first.client_rank)  # before anything of the update is read
         try:
-            self.fl.receive_update(first.round, first.client_rank, first.num_samples, incoming, peer=context.peer())
+            self.fl.receive_update(first.round, first.client_rank, first.num_samples, incoming, peer=peer)
         except ResendRequested as exc:
             return flmem_pb2.PushReply(round=first.round, resend=True, reason=str(exc))
         except UpdateRefused as exc:  # this update only: the server and the other clients go on
@@ -134,8 +135,8 @@ def _triples(first, messages) -> Iterator[tuple[bytes, int, bytes]]:
 
 
 def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: int,
-          lean: bool = False, idle_s: float = 60.0, security=None,
-          keepalive_s: float | None = None) -> tuple[grpc.Server, int]:
+          lean: bool = False, idle_s: float = 60.0, security=None, keepalive_s: float | None = None,
+          min_rate_bytes_s: float | None = None) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``fl_server`` on ``host:port`` (port 0: a free port; an IPv6 literal with or
     without brackets); ``lean``: see :func:`channel_options`; ``security``: a
     :class:`flmem.grpcauth.ServerSecurity` (TLS and client authentication; None: plaintext, anyone may call);
@@ -143,8 +144,8 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
 
     ``max_workers`` is both the handler threads and the most calls served at once (:func:`max_rpcs`): a call
     beyond it is refused at once with RESOURCE_EXHAUSTED instead of queueing for a thread. A stream on which the
-    server waits for the client (its next message, or room to send) longer than ``idle_s`` seconds is cancelled
-    (:mod:`flmem.idle`).
+    server waits for the client (its next message, or room to send) longer than ``idle_s`` seconds is cancelled,
+    and so is an update stream slower than ``min_rate_bytes_s`` after ``idle_s`` of waiting on it (:mod:`flmem.idle`).
 
     Returns the started server and the bound port.
     Raises:
@@ -157,7 +158,7 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
                          + keepalive_options(keepalive_s, server=True),
                          maximum_concurrent_rpcs=max_workers,
                          interceptors=[_auth_interceptor(gate)] if gate is not None else None)
-    servicer = _Servicer(fl_server, IdleWatch(idle_s))
+    servicer = _Servicer(fl_server, IdleWatch(idle_s, min_rate_bytes_s))
     servicer.gate = gate
     flmem_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)
     target = join(host, port)

@@ -72,6 +72,12 @@ def _import_role_modules() -> None:
     import flmem.transport  # noqa: F401
 
 
+def _min_rate(cfg) -> float | None:
+    """``transport.min_upload_mib_s`` in bytes per second (None: no floor)."""
+    rate = cfg.transport.get("min_upload_mib_s")
+    return float(rate) * 2**20 if rate else None
+
+
 def _address_from(ready_file: Path, host: str, timeout_s: float) -> str:
     """The server's address once its ``ready.json`` exists (clients start while the server imports)."""
     deadline = time.time() + timeout_s
@@ -126,7 +132,7 @@ def run_role(cfg, role: str, rank: int, out: Path, markers: dict, address_file: 
                                       int(cfg.transport.max_message_bytes),
                                       max_workers=max_rpcs(int(cfg.num_clients)), lean=opt.transport,
                                       idle_s=float(cfg.timeouts.idle_s), security=server_security(security),
-                                      keepalive_s=keepalive_s)
+                                      keepalive_s=keepalive_s, min_rate_bytes_s=_min_rate(cfg))
             write_json(out / "ready.json", {"host": cfg.server.host, "port": port, "pid": os.getpid()})
             print(f"flmem server listening on {join(cfg.server.host, port)}", flush=True)
             status.update(phase="waiting for clients", port=port)

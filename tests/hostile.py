@@ -28,14 +28,14 @@ class Job:
     run in a thread (:meth:`start`), and honest clients in threads (:meth:`honest`)."""
 
     def __init__(self, num_clients=2, rounds=1, optimized=True, chunk_size=256 * 1024, idle_s=60.0,
-                 round_timeout_s=60.0, strategy=None):
+                 round_timeout_s=60.0, strategy=None, min_rate_bytes_s=None):
         torch.manual_seed(0)
         self.codec = ModelCodec(optimized, optimized, chunk_size, release=optimized)
         self.num_clients, self.rounds = num_clients, rounds
         self.fl = RoundServer(SmallCNN(), None, strategy=strategy or FedAvg(), num_clients=num_clients,
                               rounds=rounds, codec=self.codec, streaming=optimized, round_timeout_s=round_timeout_s)
         self.server, self.port = serve(self.fl, "127.0.0.1", 0, MAX_MESSAGE, max_workers=max_rpcs(num_clients),
-                                       lean=True, idle_s=idle_s)
+                                       lean=True, idle_s=idle_s, min_rate_bytes_s=min_rate_bytes_s)
         self.history, self.error, self.histories, self.client_errors = None, None, {}, {}
         self.threads: list[threading.Thread] = []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,10 @@ def test_report_is_never_written_through_a_symlink(capsys, tmp_path, capture):
     assert (victim_dir / "peak_memory.png").read_text() == "keep me too"
     assert not (sweep / "report.html").is_symlink() and "<!DOCTYPE html>" in (sweep / "report.html").read_text()
     assert not (sweep / "report").is_symlink() and (sweep / "report" / "peak_memory.png").stat().st_size > 1000
+    umask = os.umask(0)
+    os.umask(umask)  # the report is as readable as anything else written here: mode from the umask, not 0700/0600
+    assert stat.S_IMODE((sweep / "report").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((sweep / "report.html").stat().st_mode) == 0o666 & ~umask
     # a second report replaces the first, chart files included, and leaves no temporary file behind
     (sweep / "report" / "stale.png").write_text("old")
     code, _, err = browse(capsys, sweep, "--html", "--format", "json")

@@ -69,3 +69,14 @@ def test_a_bad_optimizer_argument_names_the_clients_error_not_the_servers(tmp_pa
     assert proc.returncode != 0 and res["status"] == "failed"
     assert res["failure"]["role"].startswith("client_")
     assert "unexpected keyword argument 'bogus'" in res["failure"]["reason"]
+
+
+def test_the_clients_a_server_failure_says_left_are_read_from_both_of_its_forms():
+    from flmem.launcher import _departed_ranks
+
+    at_sampling = ("round 2: 2 client(s) available ([0, 2]), but strategy.min_fit_clients=3; clients that left the "
+                   "job: {1: 'its connection closed (the client process exited or its network failed)', 3: 'x'}")
+    in_round = ("round 0: only 2 of 3 client updates arrived (arrived: [0, 2]), strategy.min_fit_clients=3; late: "
+                "none. Failed: client 1: left the job: its connection closed")
+    assert _departed_ranks(at_sampling) == {"1", "3"} and _departed_ranks(in_round) == {"1"}
+    assert _departed_ranks("round 0: only 1 of 2 client updates arrived; late: client 0") == set()

@@ -16,6 +16,7 @@ import pytest
 from hostile import Hostile, Job, wait_until
 
 from flmem.channel import SPARE_RPCS, max_rpcs
+from flmem.transport import ServerConnection, TransportError
 
 HERE = Path(__file__).resolve().parent
 
@@ -147,6 +148,60 @@ def test_a_stalled_update_is_refused_after_idle_s_and_frees_the_fold_slot():
         assert job.histories[2][0]["accepted"] is True
     finally:
         hostile.close()
+        job.finish()
+
+
+def test_a_steady_but_too_slow_update_is_ended_by_the_rate_floor_and_frees_the_fold_slot():
+    # Client 0 sends a whole chunk every 0.5 s, never idle for idle_s = 1 s, but at 0.5 MiB/s: under a 1 MiB/s floor
+    # it is ended once its waits exceed idle_s + bytes / rate; the honest client 1 waits behind it, then folds.
+    job = Job(num_clients=2, idle_s=1, min_rate_bytes_s=2**20)
+    hostile = Hostile(job.port)
+    try:
+        presence = hostile.join(0)
+        job.honest(1)
+        job.start()
+        wait_until(lambda: job.fl.published == 0, what="round 0")
+        header, chunks = job.header(), job.chunks()
+        assert len(chunks) >= 8  # long enough to fall under the floor before it ends
+        slow = hostile.push(Hostile.first(header, 0), chunks, pace_s=0.5)
+        err = rpc_error(slow, timeout_s=60)
+        assert err.code() == grpc.StatusCode.CANCELLED
+        presence.cancel()
+        job.finish()
+        assert job.error is None and not job.client_errors, (job.error, job.client_errors)
+        (record,) = job.history
+        assert record["updates"] == 1 and job.histories[1][0]["accepted"] is True
+        (failure,) = record["failures"]
+        assert failure["rank"] == 0 and "less than 1 MiB/s after the first 1 s (transport.min_upload_mib_s, " \
+            "timeouts.idle_s)" in failure["reason"], failure
+        assert 0 < failure["bytes_received"] < len(header) + sum(len(c[1]) for c in chunks)
+    finally:
+        hostile.close()
+        job.finish()
+
+
+def test_a_client_whose_upload_the_server_ended_is_told_why_it_may_have_been():
+    job = Job(num_clients=2, idle_s=1)
+    conn = ServerConnection(f"127.0.0.1:{job.port}", 4 * 2**20, 60)
+    try:
+        conn.wait_ready(10)
+        conn.join(0)
+        job.honest(1)
+        job.start()
+        wait_until(lambda: job.fl.published == 0, what="round 0")
+        header, chunks = job.codec.encode(job.fl.state)[0], job.chunks()
+
+        def stalling():
+            yield chunks[0]
+            time.sleep(4)  # past idle_s: the server cancels the stream
+            yield from chunks[1:]
+
+        with pytest.raises(TransportError) as ended:
+            conn.push(0, 0, 40, header, stalling())
+        assert "CANCELLED" in str(ended.value) and "timeouts.idle_s" in str(ended.value)
+        assert "transport.min_upload_mib_s" in str(ended.value)
+    finally:
+        conn.close()
         job.finish()
 
 

@@ -294,6 +294,33 @@ def test_a_stream_with_no_message_at_all_is_refused_and_the_server_goes_on(path)
 
 
 @pytest.mark.slow
+def test_a_first_message_over_the_receive_limit_is_refused_naming_the_peer_and_the_limit(capfd):
+    # gRPC itself refuses a message over transport.max_message_bytes: the handler sees a call that ended before
+    # its first message, and says which peer and the likely cause
+    job = Job("optimized-fedavg", num_clients=1)
+    big = grpc.insecure_channel(job.address, options=channel_options(4 * MAX_MESSAGE))
+    try:
+        raw = b" " * (2 * MAX_MESSAGE)
+        first = flmem_pb2.ModelChunk(header=raw, header_bytes=len(raw), client_rank=HOSTILE)
+        with pytest.raises(grpc.RpcError) as refused:
+            flmem_pb2_grpc.FederatedLearningStub(big).PushUpdate(iter([first]), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        honest = job.connect(0)
+        job.fetch_into(honest, 0, 0, job.model_fn())
+        update = shifted(job.fl.model.state_dict())
+        assert honest.push(0, 0, 1, *job.codec.encode(update)).accepted
+        job.fetch_into(honest, 1, 0, job.model_fn())
+        job.thread.join(60)
+    finally:
+        big.close()
+        job.close()
+    assert all(torch.equal(job.fl.model.state_dict()[k], v) for k, v in update.items())
+    err = capfd.readouterr().err
+    assert re.search(r"a client at ipv[46]:\S+'s update stream ended before its first message arrived: .*larger "
+                     r"than transport.max_message_bytes", err), err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["optimized-fedavg", "optimized-fedmedian", "original-fedavg"])
 def test_non_finite_accept_lets_a_nan_update_into_the_round(path):
     job = Job(path, non_finite="accept")

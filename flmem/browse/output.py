@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 
 
-def _mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask (mkstemp makes 0600)."""
+def _mode(full: int = 0o666) -> int:
+    """The mode ``open()`` (``full=0o666``) or ``mkdir()`` (``0o777``) would give under the current umask
+    (mkstemp makes 0600, mkdtemp 0700: a report others could not read)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return full & ~umask
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -43,7 +44,9 @@ def write_text_atomic(path: Path, text: str) -> Path:
 def new_dir(final: Path) -> Path:
     """A new empty directory beside ``final`` (``.<name>.XXXX``) to fill before :func:`put_dir`."""
     final = Path(final)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    new = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(new, _mode(0o777))
+    return new
 
 
 def put_dir(new: Path, final: Path) -> Path:
