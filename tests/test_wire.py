@@ -84,6 +84,17 @@ class Job:
         header, _, chunks = conn.fetch(round_idx, rank, wire.header_cap(serde.Layout.of(state)))
         self.codec.receive_into(header, chunks, state)
 
+    def honest_round(self) -> dict:
+        """Client 0 takes the one round as an honest client does (its update: the global model + 1) and fetches
+        the final model; returns once the run has ended. Returns its update."""
+        honest = self.connect(0)
+        self.fetch_into(honest, 0, 0, self.model_fn())
+        update = shifted(self.fl.model.state_dict())
+        assert honest.push(0, 0, 1, *self.codec.encode(update)).accepted
+        self.fetch_into(honest, 1, 0, self.model_fn())
+        self.thread.join(60)
+        return update
+
     def push(self, messages) -> grpc.RpcError | None:
         try:
             self.stub.PushUpdate(iter(messages), timeout=60)
@@ -282,12 +293,7 @@ def test_a_stream_with_no_message_at_all_is_refused_and_the_server_goes_on(path)
         refusal = job.push([])
         assert refusal.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert re.search(r"from ipv[46]:.* \(client rank unknown\) ended before its first message", refusal.details())
-        honest = job.connect(0)
-        job.fetch_into(honest, 0, 0, job.model_fn())
-        update = shifted(job.fl.model.state_dict())
-        assert honest.push(0, 0, 1, *job.codec.encode(update)).accepted
-        job.fetch_into(honest, 1, 0, job.model_fn())
-        job.thread.join(60)
+        update = job.honest_round()
     finally:
         job.close()
     assert all(torch.equal(job.fl.model.state_dict()[k], v) for k, v in update.items())
@@ -305,12 +311,7 @@ def test_a_first_message_over_the_receive_limit_is_refused_naming_the_peer_and_t
         with pytest.raises(grpc.RpcError) as refused:
             flmem_pb2_grpc.FederatedLearningStub(big).PushUpdate(iter([first]), timeout=60)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        honest = job.connect(0)
-        job.fetch_into(honest, 0, 0, job.model_fn())
-        update = shifted(job.fl.model.state_dict())
-        assert honest.push(0, 0, 1, *job.codec.encode(update)).accepted
-        job.fetch_into(honest, 1, 0, job.model_fn())
-        job.thread.join(60)
+        update = job.honest_round()
     finally:
         big.close()
         job.close()
