@@ -97,17 +97,25 @@ def _write(path: Path, data: bytes, secret: bool) -> None:
         fh.write(data)
 
 
-def make_certs(out: Path, hosts: list[str], clients: int, days: int = 365) -> dict[str, Path]:
+def make_certs(out: Path, hosts: list[str], clients: int, days: int = 365, force: bool = False) -> dict[str, Path]:
     """Write ``ca.pem``/``ca.key``, ``server.pem``/``server.key``, ``server.secret`` and for each rank K in
     0..clients-1 ``client_K.pem``/``client_K.key``/``client_K.token`` into ``out`` (created).
 
-    Returns name -> path. Raises ValueError for ``clients`` < 1, no hosts or ``days`` < 1.
+    Returns name -> path. Raises ValueError for ``clients`` < 1, no hosts or ``days`` < 1, and when any of those
+    files exists already unless ``force`` (a new CA or secret would void every certificate and token handed out).
     """
     if clients < 1 or days < 1:
         raise ValueError(f"--clients {clients} --days {days}: both must be >= 1")
     hosts = [h.strip() for h in hosts if h.strip()]
     if not hosts:
         raise ValueError("--hosts: give the server's host names or addresses, comma-separated, e.g. h1,10.0.0.5")
+    names = ["ca.pem", "ca.key", "server.pem", "server.key", "server.secret"] + \
+        [f"client_{k}.{ext}" for k in range(clients) for ext in ("pem", "key", "token")]
+    present = [n for n in names if os.path.lexists(out / n)]
+    if present and not force:
+        raise ValueError(f"--out {out} holds {', '.join(present[:3])}{' ...' if len(present) > 3 else ''} already: "
+                         "new ones would void the certificates and tokens made with them; pick another --out, or "
+                         "--force to replace them")
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
@@ -141,11 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(localhost, 127.0.0.1 and ::1 are always added)")
     parser.add_argument("--clients", required=True, type=int, help="num_clients: one certificate and token per rank")
     parser.add_argument("--days", type=int, default=365, help="validity of every certificate (default 365)")
+    parser.add_argument("--force", action="store_true", help="replace files a previous run wrote into --out")
 
 
 def run(args: argparse.Namespace) -> int:
     """Make the files and print the overrides for each role (file paths only: no secret is printed)."""
-    paths = make_certs(args.out, args.hosts.split(","), args.clients, args.days)
+    paths = make_certs(args.out, args.hosts.split(","), args.clients, args.days, force=args.force)
     d = args.out
     print(f"wrote {len(paths)} files to {d} (keys, tokens and the server secret with mode 0600)\n"
           f"server (keep ca.key offline; it is needed only to issue more certificates):\n"

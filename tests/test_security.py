@@ -370,3 +370,16 @@ def test_certs_command_refuses_bad_arguments_with_status_2(tmp_path):
                            "--hosts", "h1", "--clients", "0"], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "flmem certs: error: --clients 0 --days 365: both must be >= 1" in done.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_certs_command_never_replaces_credentials_without_force(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "flmem.browse.cli", "certs", "--out", str(tmp_path / "c"), "--hosts", "h1",
+            "--clients", "1"]
+    assert subprocess.run(argv, capture_output=True, text=True, env=env).returncode == 0
+    secret = (tmp_path / "c" / "server.secret").read_bytes()
+    again = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "holds ca.pem, ca.key, server.pem ... already" in again.stderr, again.stderr
+    assert (tmp_path / "c" / "server.secret").read_bytes() == secret
+    forced = subprocess.run(argv + ["--force"], capture_output=True, text=True, env=env)
+    assert forced.returncode == 0 and (tmp_path / "c" / "server.secret").read_bytes() != secret
