@@ -219,6 +219,10 @@ def _security_rules(cfg: DictConfig):
     if tls and role == "server":
         yield sec.get("server_cert") is not None, ("security.tls=true: role=server needs security.server_cert and "
                                                    f"security.server_key ({CERTS_HINT}: server.pem, server.key)")
+    if role == "local":
+        for key in ("secret_file", "token_file"):
+            yield sec.get(key) is None, (f"security.{key}={sec.get(key)}: role=local makes its own per-job secret "
+                                         "and client tokens; this file is for role=server / role=client, drop it")
     if sec.get("mutual_tls") is True:
         if role == "local":
             yield False, ("security.mutual_tls=true: role=local authenticates its clients with per-job tokens; "

@@ -263,6 +263,8 @@ def test_security_files_and_combinations_are_checked(tmp_path):
     assert "transport.keepalive_s=0: must be a number of seconds >= 1, or null" in message
     with pytest.raises(ConfigError, match="security.insecure=true: contradicts security.tls=true"):
         validate(_compose("security.tls=true", "security.insecure=true"))
+    with pytest.raises(ConfigError, match="security.secret_file=.*: role=local makes its own per-job secret"):
+        validate(_compose(f"security.secret_file={CONF / 'config.yaml'}"))
 
 
 KEEPALIVE_SERVER = r"""
