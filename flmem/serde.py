@@ -81,16 +81,6 @@ class Layout:
     def from_json(cls, table: list, total_bytes: int) -> "Layout":
         return cls(tuple(TensorEntry(n, d, tuple(s), o, b) for n, d, s, o, b in table), total_bytes)
 
-    def check_matches(self, other: "Layout") -> None:
-        """Raise :class:`LayoutMismatchError` naming the first tensor that differs."""
-        mine = {e.name: (e.dtype, e.shape) for e in self.entries}
-        theirs = {e.name: (e.dtype, e.shape) for e in other.entries}
-        for name in mine.keys() | theirs.keys():
-            if mine.get(name) != theirs.get(name):
-                raise LayoutMismatchError(
-                    f"tensor {name!r}: received {theirs.get(name)}, this model has {mine.get(name)}; "
-                    "server and clients must build the same model (same model, dataset and overrides)")
-
 
 def model_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     """M: the sum of numel * element_size over the state dict, in bytes."""
@@ -222,11 +212,6 @@ def decode_raw(payload, layout: Layout) -> dict[str, torch.Tensor]:
         out[e.name] = flat.view(e.shape)
     return out
 
-
-def decode(header: dict, payload) -> dict[str, torch.Tensor]:
-    if header["format"] == "torch":
-        return decode_torch(payload)
-    return decode_raw(payload, header_layout(header))
 
 
 def segments(layout: Layout, offset: int, length: int) -> Iterator[tuple[TensorEntry, int, int, int]]:

@@ -79,10 +79,6 @@ class RunningSum:
             self._flat = {name: acc.view(-1) for name, acc in self._acc.items()}
         return self._acc
 
-    def check_layout(self, layout: serde.Layout) -> None:
-        """Raise serde.LayoutMismatchError unless ``layout`` is the global model's."""
-        self.layout.check_matches(layout)
-
     def turn(self) -> "UpdateTurn":
         """Open the turn of the next update: what :meth:`~flmem.codec.ModelCodec.fold` adds through. Opening a
         turn closes the one before (its folds are refused from then on)."""
@@ -186,9 +182,6 @@ class UpdateTurn:
 
     def __init__(self, running: RunningSum, turn: int):
         self.running, self.number, self.layout = running, turn, running.layout
-
-    def check_layout(self, layout: serde.Layout) -> None:
-        self.running.check_layout(layout)
 
     def fold_chunk(self, layout: serde.Layout, offset: int, data: bytes, weight: float) -> None:
         self.running.fold_chunk(layout, offset, data, weight, self.number)
