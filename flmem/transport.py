@@ -49,10 +49,10 @@ class PushResult(NamedTuple):
 
 
 class _Servicer(flmem_pb2_grpc.FederatedLearningServicer):
-    gate = None  # a flmem.grpcauth.Gate when clients must authenticate (serve's ``security``)
+    """``gate``: a :class:`flmem.grpcauth.Gate` when clients must authenticate (serve's ``security``), else None."""
 
-    def __init__(self, fl_server, idle: IdleWatch):
-        self.fl, self.idle = fl_server, idle
+    def __init__(self, fl_server, idle: IdleWatch, gate=None):
+        self.fl, self.idle, self.gate = fl_server, idle, gate
 
     def _authorize(self, context, rank: int) -> None:
         """Abort the call (PERMISSION_DENIED) unless ``rank`` is the rank the peer authenticated as."""
@@ -158,9 +158,8 @@ def serve(fl_server, host: str, port: int, max_message_bytes: int, max_workers: 
                          + keepalive_options(keepalive_s, server=True),
                          maximum_concurrent_rpcs=max_workers,
                          interceptors=[_auth_interceptor(gate)] if gate is not None else None)
-    servicer = _Servicer(fl_server, IdleWatch(idle_s, min_rate_bytes_s))
-    servicer.gate = gate
-    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(servicer, server)
+    flmem_pb2_grpc.add_FederatedLearningServicer_to_server(
+        _Servicer(fl_server, IdleWatch(idle_s, min_rate_bytes_s), gate), server)
     target = join(host, port)
     try:
         if security is not None and security.credentials is not None:
